@@ -1,0 +1,391 @@
+"""
+The pico-decoder: a Llama-style decoder-only transformer in plain PyTorch.
+
+    tokens -> embedding_proj -> n_layers x [RMSNorm -> GQA attention (RoPE) -> +residual,
+                                            RMSNorm -> SwiGLU              -> +residual]
+           -> output_norm -> de_embedding_proj -> logits
+
+Module names follow pico-train (`layers.3.attention.v_proj`, `layers.3.swiglu.w_2`, ...) because
+the learning-dynamics config (`layer_suffixes`) refers to them. The file also saves and loads
+Hugging Face checkpoints: our own (a plain Llama model that transformers loads without remote code)
+and pico-train's published ones.
+
+Initialisation: PyTorch's module defaults, exactly as pico-train trains its published models
+(nn.Embedding ~ N(0, 1), nn.Linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), norm weights 1).
+We add no custom init on purpose, so runs are comparable with the pico-decoder suite.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# enable_gqa lets SDPA share each KV head across its group of query heads without copying;
+# it appeared in torch 2.5. Older versions repeat the KV heads explicitly (same result).
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class ModelConfig:
+    # defaults are the seed's (pico-decoder-medium shape)
+    d_model: int = 768
+    n_layers: int = 12
+    vocab_size: int = 50304
+    max_seq_len: int = 2048
+    attention_n_heads: int = 12
+    attention_n_kv_heads: int = 4
+    activation_hidden_dim: int = 3072
+    norm_eps: float = 1e-6
+    position_emb_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "vocab_size", "max_seq_len", "attention_n_heads",
+                     "attention_n_kv_heads", "activation_hidden_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.attention_n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by attention_n_heads "
+                             f"({self.attention_n_heads})")
+        if self.attention_n_heads % self.attention_n_kv_heads:
+            raise ValueError(f"attention_n_heads ({self.attention_n_heads}) must be divisible by "
+                             f"attention_n_kv_heads ({self.attention_n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / attention_n_heads = {self.head_dim} must be even "
+                             f"for RoPE (it rotates pairs of dimensions)")
+        if not self.norm_eps > 0 or not self.position_emb_theta > 0:
+            raise ValueError("norm_eps and position_emb_theta must be positive")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.attention_n_heads
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 even when x is bf16."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_seq_len, theta):
+    """cos/sin tables of shape (max_seq_len, head_dim) for the rotary embedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd): frequency i drives dims i and i + hd/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, hd) by position. We pair dimension i with i + hd/2 ("halves", as
+    transformers' Llama does); pico-train pairs 2i with 2i+1 ("interleaved"). The two are the same
+    model up to a fixed permutation of q/k rows, which load_pretrained() applies at import."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for `max_len` positions."""
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, config.attention_n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled; advanced by PicoDecoder.forward
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache holds {self.k.size(3)} positions; {end} needed")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: n_heads query heads share n_kv_heads key/value heads;
+    query head h reads KV head h // (n_heads / n_kv_heads)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.attention_n_heads, config.attention_n_kv_heads
+        self.head_dim = config.head_dim
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            S = k.size(2)  # cached + new positions
+            if T == 1:
+                is_causal = False  # one new token may look at everything before it
+            elif S > T:
+                # SDPA's is_causal aligns the mask top-left; with a prefix in the cache we need
+                # it aligned bottom-right: new token i sees keys 0 .. S - T + i
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+                is_causal = False
+
+        if _SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+class SwiGLU(nn.Module):
+    """w_2(silu(w_0 x) * w_1 x): w_0 is the gate, w_1 the up projection, w_2 the down projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.w_0 = nn.Linear(config.d_model, config.activation_hidden_dim, bias=False)
+        self.w_1 = nn.Linear(config.d_model, config.activation_hidden_dim, bias=False)
+        self.w_2 = nn.Linear(config.activation_hidden_dim, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + swiglu(norm(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.swiglu_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.swiglu = SwiGLU(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
+        return x + self.swiglu(self.swiglu_norm(x))
+
+
+class PicoDecoder(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # non-persistent: rebuilt from the config, never saved, owned by this model (not shared)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.position_emb_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, targets=None, kv_cache=None):
+        """input_ids (B, T) -> (logits (B, T, vocab), mean cross-entropy or None).
+        With a KVCache, input_ids are the tokens after those already cached."""
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len "
+                             f"({self.config.max_seq_len})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+        x = self.embedding_proj(input_ids)  # (B, T, d_model)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache)
+        logits = self.de_embedding_proj(self.output_norm(x))  # (B, T, vocab)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
+        """Sample max_new_tokens after input_ids (B, T) using a KV cache; temperature 0 is greedy.
+        Stops early once every row has produced eos_token_id (when given)."""
+        B, T = input_ids.shape
+        if T < 1:
+            raise ValueError("generate() needs a prompt of at least one token")
+        total = T + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len ({self.config.max_seq_len})")
+        p = self.embedding_proj.weight
+        cache = KVCache(self.config, B, total, device=p.device, dtype=p.dtype)
+        out, step_input = input_ids, input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input, kv_cache=cache)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            out = torch.cat([out, next_token], dim=1)
+            step_input = next_token  # (B, 1): only the new token goes through the model
+            if eos_token_id is not None:
+                done |= next_token.squeeze(1) == eos_token_id
+                if bool(done.all()):
+                    break
+        return out
+
+    def num_params(self, matmul_only=False):
+        """All parameters, or only those in matrix multiplies (embedding lookup and norms excluded,
+        output head included): the N of the 6N FLOPs-per-token rule."""
+        if not matmul_only:
+            return sum(p.numel() for p in self.parameters())
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 * L * H * hd * T
+        for attention scores and values (DESIGN.md section 3)."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face checkpoints. Our own are plain Llama checkpoints (transformers' LlamaForCausalLM,
+# no remote code); pico-train's are `pico_decoder.`-prefixed keys with interleaved RoPE.
+
+_HF_NAMES = [  # (our name, Llama name); {i} is the layer index
+    ("embedding_proj.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.attention.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.swiglu_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.swiglu.w_0.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.swiglu.w_1.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.swiglu.w_2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("de_embedding_proj.weight", "lm_head.weight"),
+]
+
+
+def _name_map(n_layers):
+    pairs = {}
+    for ours, theirs in _HF_NAMES:
+        for i in range(n_layers if "{i}" in ours else 1):
+            pairs[ours.format(i=i)] = theirs.format(i=i)
+    return pairs
+
+
+def llama_config_dict(config, dtype=torch.float32):
+    """config.json of the equivalent transformers LlamaForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.attention_n_heads,
+        "num_key_value_heads": config.attention_n_kv_heads, "head_dim": config.head_dim,
+        "intermediate_size": config.activation_hidden_dim, "hidden_act": "silu",
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.position_emb_theta,
+        "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+        "bos_token_id": None, "eos_token_id": 50279, "pad_token_id": 1,
+        "pico_decoder": asdict(config),  # our own field names, for readers of the file
+    }
+
+
+def save_pretrained(model, path, dtype=None):
+    """Write config.json, generation_config.json and model.safetensors: a Llama checkpoint that
+    transformers loads with AutoModelForCausalLM.from_pretrained(path), no remote code."""
+    from safetensors.torch import save_file  # the standard weights format, torch-only otherwise
+
+    os.makedirs(path, exist_ok=True)
+    dtype = dtype or model.embedding_proj.weight.dtype
+    names = _name_map(model.config.n_layers)
+    state = {names[k]: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(llama_config_dict(model.config, dtype), f, indent=2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 50279, "pad_token_id": 1, "do_sample": True}, f, indent=2)
+
+
+def _interleaved_to_halves(w, n_heads):
+    """Reorder each head's q/k rows from pico-train's (x0, x1), (x2, x3), ... RoPE pairs to the
+    (x_i, x_{i + hd/2}) pairs we use. w: (n_heads * hd, d_model)."""
+    hd = w.size(0) // n_heads
+    return w.view(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(n_heads * hd, -1)
+
+
+def load_pretrained(path, device="cpu"):
+    """Load a checkpoint directory (ours / any Llama checkpoint, or pico-train's pico_decoder one)
+    into a PicoDecoder, weights in the dtype they were stored in."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    weights = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+    kind = cfg.get("model_type")
+    if kind == "llama":
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        if (cfg.get("rope_scaling") or {}).get("rope_type", "default") != "default":
+            raise ValueError(f"{path}: RoPE scaling {cfg['rope_scaling']} is not supported")
+        config = ModelConfig(
+            d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            vocab_size=cfg["vocab_size"], max_seq_len=cfg["max_position_embeddings"],
+            attention_n_heads=cfg["num_attention_heads"],
+            attention_n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            activation_hidden_dim=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+            position_emb_theta=float(theta))
+        if cfg.get("head_dim", config.head_dim) != config.head_dim or cfg.get("tie_word_embeddings"):
+            raise ValueError(f"{path}: head_dim != hidden_size / heads or tied embeddings are not "
+                             f"supported by the pico-decoder")
+        theirs = {v: k for k, v in _name_map(config.n_layers).items()}
+        state = {theirs[k]: v for k, v in weights.items() if k in theirs}
+    elif kind in ("pico_decoder", "pico"):
+        config = ModelConfig(**{f.name: cfg[f.name] for f in fields(ModelConfig) if f.name in cfg})
+        state = {k.removeprefix("pico_decoder."): v for k, v in weights.items()}
+        for k in list(state):
+            if k.endswith("attention.q_proj.weight"):
+                state[k] = _interleaved_to_halves(state[k], config.attention_n_heads)
+            elif k.endswith("attention.k_proj.weight"):
+                state[k] = _interleaved_to_halves(state[k], config.attention_n_kv_heads)
+    else:
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is neither 'llama' (our own "
+                         f"checkpoints) nor 'pico_decoder'/'pico' (pico-train's)")
+
+    with torch.device("meta"):
+        model = PicoDecoder(config)
+    missing = set(model.state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, assign=True)
+    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.position_emb_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # meta buffers -> real tables
+    return model
