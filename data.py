@@ -1,0 +1,459 @@
+"""
+Pre-tokenized data for pico-train: where rows come from, how ranks share them, how a run resumes.
+
+A dataset is an ordered list of shards (parquet files, locally or on the Hugging Face Hub, or a
+`Dataset.save_to_disk` folder), each holding rows of `input_ids`. pico-lm/pretokenized-dolma rows
+have 2049 tokens: a model with max_seq_len T = 2048 reads x = row[:-1], y = row[1:]. A model with a
+shorter T reads each row as (2049 - 1) / T consecutive sequences of T + 1 tokens (neighbours share
+one token), so the same rows feed every sequence length that divides 2048.
+
+The training stream is one global order of sequences that does not depend on the number of ranks:
+optimizer step s trains on sequences [s * B, (s + 1) * B) (B = batch_size) and rank r takes the
+r-th contiguous slice of that global batch. Every rank reads the global batch (a few MB) and keeps
+its slice, so the whole run sees the same data on 1 or 64 GPUs, and the position to resume from is
+just (epoch, shard, sequence within shard): resuming opens that shard and seeks to the row group
+that holds the sequence, reading nothing before it.
+
+Run as a script it builds the embedded demo corpus or tokenizes your own text:
+    python data.py build-demo            # rebuild data/demo/*.parquet from data/demo/kjv.txt.xz
+    python data.py tokenize a.txt b.txt --out data/mine   # one document per file
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import lzma
+import os
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+log = logging.getLogger("pico.data")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_DIR = os.path.join(HERE, "data", "demo")
+TOKENIZER_PATH = os.path.join(HERE, "data", "tokenizer", "allenai_gpt-neox-olmo-dolma-v1_5.json")
+TOKENIZER_SHA256 = "9ad33b4b39a9f83973c3f8c42a01948dd5b877a28ac9a5356956c4ff4ed0b714"
+EOS_TOKEN_ID = 50279  # <|endoftext|> in the OLMo tokenizer; pico-lm puts one after each document
+ROW_LEN = 2049
+
+
+class DataError(ValueError):
+    """A problem with the data itself (a bad row, a missing column, an unreachable dataset)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# shards: where rows come from
+
+def _retry(fn, what, attempts=6, base_delay=1.0):
+    """Call fn(); retry transient network failures with exponential backoff, logging each one.
+    Permanent failures (no such repo/file, no access) are raised at once."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, EntryNotFoundError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (RepositoryNotFoundError, EntryNotFoundError, FileNotFoundError):
+            raise
+        except (HfHubHTTPError, OSError) as e:  # OSError covers connection resets and timeouts
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status is not None and status < 500 and status != 429:
+                raise  # 401/403/404...: retrying will not help
+            if attempt == attempts:
+                raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
+                                f"{e}). Check the network or use a local copy of the data.") from e
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.0fs", what, type(e).__name__, e,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+
+
+class ParquetShard:
+    """One parquet file (local path, or a path on an fsspec filesystem such as the Hub's)."""
+
+    def __init__(self, path, fs=None):
+        self.name, self.fs = path, fs
+        self._file = None
+        self._cached = (None, None)  # (row group index, table) of the last row group read
+
+    def _open(self):
+        if self._file is None:
+            def open_file():
+                f = pq.ParquetFile(self.fs.open(self.name, "rb") if self.fs else self.name)
+                if "input_ids" not in f.schema_arrow.names:
+                    raise DataError(f"{self.name}: no 'input_ids' column (columns: "
+                                    f"{f.schema_arrow.names}); pico-train needs pre-tokenized rows")
+                return f
+            self._file = _retry(open_file, f"opening {self.name}") if self.fs else open_file()
+            sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+            self._starts = np.cumsum([0] + sizes)
+        return self._file
+
+    @property
+    def num_rows(self):
+        return int(self._open().metadata.num_rows)
+
+    def read(self, start, stop, columns=("input_ids",)):
+        """Rows [start, stop) as a pyarrow Table, reading only the row groups that hold them."""
+        f, pieces = self._open(), []
+        g = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            if self._cached[0] != (g, columns):
+                what = f"reading row group {g} of {self.name}"
+                table = _retry(lambda: f.read_row_group(g, columns=list(columns)), what) if self.fs \
+                    else f.read_row_group(g, columns=list(columns))
+                self._cached = ((g, columns), table)
+            lo, hi = int(self._starts[g]), int(self._starts[g + 1])
+            pieces.append(self._cached[1].slice(start - lo, min(stop, hi) - start))
+            start, g = min(stop, hi), g + 1
+        return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class TableShard:
+    """A memory-mapped Arrow table (a `Dataset.save_to_disk` folder)."""
+
+    def __init__(self, name, table):
+        self.name, self.table = name, table
+        if "input_ids" not in table.column_names:
+            raise DataError(f"{name}: no 'input_ids' column (columns: {table.column_names})")
+
+    @property
+    def num_rows(self):
+        return self.table.num_rows
+
+    def read(self, start, stop, columns=("input_ids",)):
+        return self.table.select(list(columns)).slice(start, stop - start)
+
+
+def _matches_split(relpath, split):
+    """Does a file belong to a split? 'train' matches train.parquet, train-00001-of-00010.parquet,
+    train/xyz.parquet, data/train-*.parquet."""
+    parts = re.split(r"[/\\]", relpath)
+    return any(p == split or re.match(rf"{re.escape(split)}([-_.]|$)", p) for p in parts)
+
+
+def _pick_split(paths, split, where):
+    if split is None:
+        return paths
+    chosen = [p for p in paths if _matches_split(p, split)]
+    if chosen:
+        return chosen
+    if any(_matches_split(p, s) for p in paths for s in ("train", "validation", "val", "test")):
+        raise DataError(f"{where}: no files for split {split!r} among {paths[:6]}")
+    return paths  # no split naming at all: the whole dataset is the one split
+
+
+def is_local(name):
+    return os.path.exists(name) or any(c in name for c in "*?[") or name.startswith((".", "/", "~"))
+
+
+def open_shards(name, split=None):
+    """Resolve a dataset name into an ordered list of shards.
+    name: a local folder of parquet files, a glob of them, a Dataset.save_to_disk folder, or a
+    Hugging Face Hub dataset id (e.g. pico-lm/pretokenized-dolma)."""
+    if is_local(name):
+        # a local path never needs the network; without this, datasets and huggingface_hub would
+        # still try DNS lookups
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = os.path.expanduser(name)
+        if os.path.isdir(path) and (os.path.exists(os.path.join(path, "state.json"))
+                                    or os.path.exists(os.path.join(path, "dataset_dict.json"))):
+            import datasets
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{name}: split {split!r} not found; splits: {list(ds)}")
+                ds = ds[split]
+            return [TableShard(name, ds.data.table)]
+        if os.path.isdir(path):
+            files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+            rel = [os.path.relpath(f, path) for f in files]
+            files = [os.path.join(path, r) for r in _pick_split(rel, split, name)]
+        else:
+            files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise DataError(f"{name}: no parquet files found (expected a folder or glob of .parquet "
+                            f"files, or a Dataset.save_to_disk folder)")
+        return [ParquetShard(f) for f in files]
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise DataError(f"{name!r} is a Hugging Face Hub dataset, but HF_HUB_OFFLINE is set (no network). "
+                        f"Use the embedded corpus (python train.py config/demo.py) or point "
+                        f"dataset_name at a local folder of parquet files.")
+    from huggingface_hub import HfFileSystem
+
+    fs = HfFileSystem()
+    root = f"datasets/{name}"
+    files = _retry(lambda: sorted(fs.glob(f"{root}/**/*.parquet")), f"listing files of {name} on the Hub")
+    rel = [f[len(root) + 1:] for f in files]
+    files = [f"{root}/{r}" for r in _pick_split(rel, split, name)]
+    if not files:
+        raise DataError(f"{name}: the Hub dataset has no parquet files")
+    return [ParquetShard(f, fs) for f in files]
+
+
+# ----------------------------------------------------------------------------------------------
+# rows -> checked int64 token arrays
+
+def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
+    """Turn a table of input_ids rows into an (n, row_len) int64 array, refusing bad rows with
+    the shard and row number. Nothing is padded, truncated or skipped."""
+    col = table.column("input_ids").combine_chunks()
+    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
+        raise DataError(f"{shard_name}: input_ids has type {col.type}, expected a list of token ids")
+    lengths = pc_list_lengths(col)
+    if col.null_count:
+        bad = int(np.flatnonzero(np.asarray(col.is_null()))[0])
+        raise DataError(f"{shard_name} row {first_row + bad}: input_ids is missing (null)")
+    row_len = row_len or int(lengths[0]) if len(lengths) else row_len
+    if len(lengths) and (lengths != row_len).any():
+        bad = int(np.flatnonzero(lengths != row_len)[0])
+        raise DataError(f"{shard_name} row {first_row + bad}: {lengths[bad]} tokens, expected {row_len}")
+    ids = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(lengths), row_len)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(np.flatnonzero(((ids < 0) | (ids >= vocab_size)).any(axis=1))[0])
+        tok = ids[bad][(ids[bad] < 0) | (ids[bad] >= vocab_size)][0]
+        raise DataError(f"{shard_name} row {first_row + bad}: token id {tok} outside [0, {vocab_size})")
+    return ids
+
+
+def pc_list_lengths(col):
+    import pyarrow.compute as pc
+    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
+
+
+def windows_per_row(row_len, seq_len, where):
+    """How many training sequences of seq_len + 1 tokens one row holds."""
+    if row_len == seq_len + 1:
+        return 1
+    if row_len > seq_len + 1 and (row_len - 1) % seq_len == 0:
+        return (row_len - 1) // seq_len
+    raise DataError(f"{where}: rows have {row_len} tokens, which a model with max_seq_len={seq_len} "
+                    f"cannot use exactly: it needs rows of max_seq_len + 1 tokens, or rows of k * "
+                    f"max_seq_len + 1 (2049 = 8 x 256 + 1 serves max_seq_len 256)")
+
+
+def to_windows(ids, seq_len):
+    """(n, k * seq_len + 1) -> (n * k, seq_len + 1): consecutive windows sharing one token."""
+    n, row_len = ids.shape
+    k = (row_len - 1) // seq_len
+    idx = np.arange(k)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # (k, seq_len + 1)
+    return ids[:, idx].reshape(n * k, seq_len + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the training stream
+
+class TrainStream:
+    """The global sequence order of a training set, cut into per-rank sub-batches.
+
+    next_batch() returns this rank's sub-batches for one optimizer step: a list of
+    gradient_accumulation_steps (x, y) pairs, each (sub_batch, seq_len) int64 on `device`.
+    state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
+
+    def __init__(self, name, seq_len, vocab_size, batch_size, sub_batch, rank=0, world_size=1,
+                 split="train", device="cpu"):
+        if batch_size % (sub_batch * world_size):
+            raise ValueError(f"batch_size {batch_size} is not divisible by sub_batch {sub_batch} x "
+                             f"world_size {world_size}")
+        self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
+        self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
+        self.device = device
+        self.shards = open_shards(name, split)
+        self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
+        self._windows = None
+
+    def _seqs_per_row(self, shard):
+        if self._windows is None:  # all shards of a dataset share one row length
+            first = shard.read(0, 1)
+            row_len = int(pc_list_lengths(first.column("input_ids").combine_chunks())[0])
+            self._windows = windows_per_row(row_len, self.seq_len, shard.name)
+            self._row_len = row_len
+        return self._windows
+
+    def _read(self, n):
+        """The next n sequences of the global order (advancing the position), as (n, T + 1)."""
+        out, empty = [], 0
+        while n > 0:
+            if empty > len(self.shards):
+                raise DataError(f"{self.name}: the dataset has no rows")
+            shard = self.shards[self.shard]
+            k = self._seqs_per_row(shard)
+            total = shard.num_rows * k
+            if self.seq >= total:  # end of shard -> next shard, next epoch after the last one
+                self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
+                if self.shard == len(self.shards):
+                    self.shard, self.epoch = 0, self.epoch + 1
+                    log.info("%s: end of data, starting epoch %d", self.name, self.epoch)
+                continue
+            take = min(n, total - self.seq)
+            row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
+            ids = rows_to_array(shard.read(row0, row1), shard.name, row0, self.vocab_size, self._row_len)
+            seqs = to_windows(ids, self.seq_len) if k > 1 else ids
+            out.append(seqs[self.seq - row0 * k:self.seq - row0 * k + take])
+            self.seq, n = self.seq + take, n - take
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def peek_global_batch(self):
+        """The whole next global batch (batch_size, T + 1), without moving the position."""
+        state = self.state_dict()
+        seqs = self._read(self.batch_size)
+        self.load_state_dict(state)
+        return seqs
+
+    def next_batch(self):
+        seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch
+        per_rank = self.batch_size // self.world_size
+        mine = torch.from_numpy(seqs[self.rank * per_rank:(self.rank + 1) * per_rank])
+        subs = []
+        for chunk in mine.split(self.sub_batch):
+            chunk = chunk.to(self.device, non_blocking=True)
+            subs.append((chunk[:, :-1], chunk[:, 1:]))
+        return subs
+
+    def state_dict(self):
+        return {"dataset": self.name, "epoch": self.epoch, "shard": self.shard,
+                "shard_name": os.path.basename(self.shards[self.shard].name), "seq": self.seq,
+                "row_len": getattr(self, "_row_len", None)}
+
+    def load_state_dict(self, state):
+        shard = state["shard"]
+        if not 0 <= shard < len(self.shards) or os.path.basename(self.shards[shard].name) != state["shard_name"]:
+            raise DataError(f"cannot resume {self.name}: the saved position is in shard "
+                            f"{state['shard']} ({state['shard_name']}), which this dataset no longer "
+                            f"has at that index ({len(self.shards)} shards now)")
+        self.epoch, self.shard, self.seq = state["epoch"], state["shard"], state["seq"]
+        if state.get("row_len"):  # known already: no need to read a row to learn it
+            self._row_len = state["row_len"]
+            self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
+
+
+def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None):
+    """A fixed evaluation set as an (N, L) int64 array, L = seq_len + 1 (rows cut into windows
+    like training rows) or L = seq_len (rows of exactly max_seq_len tokens, as paloma-tinsy's
+    2048-token rows: their predictions are row[1:] from row[:-1])."""
+    arrays, rows = [], 0
+    for shard in open_shards(name, split):
+        n = shard.num_rows if max_rows is None else min(shard.num_rows, max_rows - rows)
+        if n > 0:
+            arrays.append(rows_to_array(shard.read(0, n), shard.name, 0, vocab_size))
+            rows += n
+    lengths = {a.shape[1] for a in arrays}
+    if len(lengths) != 1:
+        raise DataError(f"{name}: shards have different row lengths {sorted(lengths)}")
+    ids = np.concatenate(arrays)
+    if ids.shape[1] == seq_len:
+        return ids
+    windows_per_row(ids.shape[1], seq_len, name)
+    return to_windows(ids, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# the embedded demo corpus and bring-your-own text
+
+def load_tokenizer(path=TOKENIZER_PATH):
+    from tokenizers import Tokenizer
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if path == TOKENIZER_PATH and digest != TOKENIZER_SHA256:
+        raise DataError(f"{path}: sha256 {digest} is not the OLMo tokenizer's ({TOKENIZER_SHA256})")
+    return Tokenizer.from_file(path)
+
+
+def pack_documents(token_lists, row_len=ROW_LEN):
+    """Concatenate documents, each followed by EOS, and cut the stream into rows of row_len tokens
+    (the last, incomplete row is dropped), as pico-lm built pretokenized-dolma."""
+    stream = np.fromiter((t for doc in token_lists for t in (*doc, EOS_TOKEN_ID)), dtype=np.int32)
+    n = len(stream) // row_len
+    return stream[:n * row_len].reshape(n, row_len)
+
+
+def write_rows(path, ids, extra=None):
+    """Write rows deterministically (same input, same pyarrow version -> same bytes)."""
+    columns = {"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}
+    columns.update({k: pa.array(v, type=pa.string()) for k, v in (extra or {}).items()})
+    pq.write_table(pa.table(columns), path, compression="zstd", row_group_size=64,
+                   write_statistics=False, use_dictionary=False)
+
+
+def kjv_chapters(text):
+    """Split `bible -p /usr/lib 'gen1:1-rev22:21'` output into one document per chapter:
+    'Genesis 1' then one line per verse ('1 In the beginning ...'), wrapped lines joined."""
+    docs, lines = [], text.split("\n")
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace() and (i == 0 or lines[i - 1] == "") and re.match(r"^\S.* \d+$", line):
+            docs.append([line, ""])
+        elif line.startswith(" "):
+            docs[-1].append(line.strip())
+        elif line:
+            docs[-1][-1] += " " + line.strip()
+    return ["\n".join(d).strip() + "\n" for d in docs]
+
+
+def build_demo_corpus(out_dir=DEMO_DIR, source=os.path.join(DEMO_DIR, "kjv.txt.xz")):
+    """The embedded corpus: the King James Bible (public domain), one document per chapter;
+    every 20th chapter is held out for validation."""
+    with lzma.open(source, "rt", encoding="utf-8") as f:
+        chapters = kjv_chapters(f.read())
+    tok = load_tokenizer()
+    encoded = [e.ids for e in tok.encode_batch(chapters, add_special_tokens=False)]
+    train = pack_documents([e for i, e in enumerate(encoded) if i % 20 != 19])
+    val = pack_documents([e for i, e in enumerate(encoded) if i % 20 == 19])
+    os.makedirs(out_dir, exist_ok=True)
+    write_rows(os.path.join(out_dir, "train.parquet"), train)
+    write_rows(os.path.join(out_dir, "validation.parquet"), val,
+               {"text": tok.decode_batch([r.tolist() for r in val], skip_special_tokens=False),
+                "source": ["kjv"] * len(val)})
+    return {"chapters": len(chapters), "train_rows": len(train), "validation_rows": len(val)}
+
+
+def tokenize_files(paths, out_dir, row_len=ROW_LEN, val_every=0):
+    """Bring your own corpus: each text file is one document. Writes train.parquet (and
+    validation.parquet with every val_every-th document when val_every > 0) in dolma's format."""
+    tok = load_tokenizer()
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            docs.append(tok.encode(f.read(), add_special_tokens=False).ids)
+    os.makedirs(out_dir, exist_ok=True)
+    held = [d for i, d in enumerate(docs) if val_every and i % val_every == val_every - 1]
+    train = pack_documents([d for i, d in enumerate(docs) if not (val_every and i % val_every == val_every - 1)], row_len)
+    if len(train) == 0:
+        raise DataError(f"{len(docs)} documents hold fewer than {row_len} tokens: nothing to train on")
+    write_rows(os.path.join(out_dir, "train.parquet"), train)
+    if held:
+        val = pack_documents(held, row_len)
+        write_rows(os.path.join(out_dir, "validation.parquet"), val,
+                   {"text": tok.decode_batch([r.tolist() for r in val], skip_special_tokens=False)})
+    return len(train)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-demo", help="rebuild the embedded demo corpus")
+    b.add_argument("--out", default=DEMO_DIR)
+    t = sub.add_parser("tokenize", help="tokenize text files (one document each) into parquet rows")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--row-len", type=int, default=ROW_LEN)
+    t.add_argument("--val-every", type=int, default=0, help="hold out every n-th document")
+    args = parser.parse_args()
+    if args.cmd == "build-demo":
+        print(json.dumps(build_demo_corpus(args.out)))
+        for split in ("train", "validation"):
+            path = os.path.join(args.out, f"{split}.parquet")
+            print(f"{path}  {file_sha256(path)}  ({pq.ParquetFile(path).metadata.num_rows} rows)")
+    else:
+        print(f"{tokenize_files(args.files, args.out, args.row_len, args.val_every)} rows written to {args.out}")

@@ -1,0 +1,190 @@
+"""data.py: rank split, exact resume with seeking, x/y shift, bad rows, offline errors, and the
+embedded corpus (rebuilt from its source and compared byte for byte)."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import data
+from data import DataError, TrainStream, load_eval_sequences
+
+V = 1000
+
+
+def write_synthetic(folder, rows_per_file=(10, 7, 12), row_len=9, row_group_size=4):
+    """Files whose token 0 of each row is a unique id: file * 100 + row."""
+    os.makedirs(folder, exist_ok=True)
+    for f, n in enumerate(rows_per_file):
+        ids = np.zeros((n, row_len), dtype=np.int32)
+        ids[:, 0] = f * 100 + np.arange(n)
+        ids[:, 1:] = (np.arange(1, row_len) + ids[:, :1]) % V
+        pq.write_table(pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}),
+                       os.path.join(folder, f"part-{f}.parquet"), row_group_size=row_group_size)
+    return [f * 100 + r for f, n in enumerate(rows_per_file) for r in range(n)]
+
+
+def row_ids(subs):
+    return [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_split_each_global_batch_disjointly_and_completely(tmp_path, world):
+    order = write_synthetic(tmp_path)  # 29 rows in 3 files: not divisible by 2
+    batch, steps = 6, 9  # 54 sequences: wraps into a second epoch
+    streams = [TrainStream(str(tmp_path), 8, V, batch, batch // world // (2 if world < 3 else 1),
+                           rank=r, world_size=world) for r in range(world)]
+    seen = []
+    for _ in range(steps):
+        per_rank = [row_ids(s.next_batch()) for s in streams]
+        step_rows = [i for rows in per_rank for i in rows]
+        assert len(set(step_rows)) == batch  # disjoint within a step
+        seen += step_rows
+    assert seen == (order * 2)[:batch * steps]  # the same global order for every world size
+    assert len({json.dumps(s.state_dict()) for s in streams}) == 1
+
+
+def test_x_y_are_shifted_int64_views_of_a_row(tmp_path):
+    write_synthetic(tmp_path)
+    (x, y), = TrainStream(str(tmp_path), 8, V, 2, 2).next_batch()
+    table = pq.read_table(tmp_path / "part-0.parquet").column("input_ids").to_pylist()
+    assert x.dtype == y.dtype == torch.int64 and x.shape == (2, 8)
+    assert x.tolist() == [r[:-1] for r in table[:2]] and y.tolist() == [r[1:] for r in table[:2]]
+
+
+def test_long_rows_are_read_as_windows(tmp_path):
+    write_synthetic(tmp_path, rows_per_file=(5,), row_len=13)  # 13 = 3 x 4 + 1
+    (x, y), = TrainStream(str(tmp_path), 4, V, 6, 6).next_batch()
+    row = pq.read_table(tmp_path / "part-0.parquet").column("input_ids").to_pylist()[0]
+    assert x[:3].tolist() == [row[0:4], row[4:8], row[8:12]]
+    assert y[:3].tolist() == [row[1:5], row[5:9], row[9:13]]
+    with pytest.raises(DataError, match="rows have 13 tokens.*max_seq_len=5"):
+        TrainStream(str(tmp_path), 5, V, 2, 2).next_batch()
+
+
+def test_resume_yields_identical_batches_without_rereading(tmp_path, monkeypatch):
+    write_synthetic(tmp_path, rows_per_file=(10, 7, 12), row_group_size=3)
+    straight = TrainStream(str(tmp_path), 8, V, 4, 2)
+    for _ in range(5):  # 20 sequences: into the middle of the second file, mid row group
+        straight.next_batch()
+    state = json.loads(json.dumps(straight.state_dict()))
+    expected = [row_ids(straight.next_batch()) for _ in range(6)]
+
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: reads.append((self.metadata.num_rows, i)) or original(self, i, **kw))
+    resumed = TrainStream(str(tmp_path), 8, V, 4, 2)
+    resumed.load_state_dict(state)
+    first = row_ids(resumed.next_batch())
+    assert first == expected[0]
+    assert reads[0] == (12, 1)  # sequence 20 = row 3 of the third file: its row group 1 comes first
+    assert [first] + [row_ids(resumed.next_batch()) for _ in range(5)] == expected
+
+
+def test_peek_does_not_move_the_stream(tmp_path):
+    write_synthetic(tmp_path)
+    s = TrainStream(str(tmp_path), 8, V, 4, 1, rank=1, world_size=2)
+    s.next_batch()
+    peeked = s.peek_global_batch()
+    subs = s.next_batch()
+    assert [int(r[0]) for r in peeked[2:]] == row_ids(subs)
+
+
+def test_resume_rejects_a_changed_dataset(tmp_path):
+    write_synthetic(tmp_path)
+    s = TrainStream(str(tmp_path), 8, V, 4, 2)
+    state = {**s.state_dict(), "shard": 1}
+    with pytest.raises(DataError, match="cannot resume"):
+        s.load_state_dict(state)
+
+
+def bad_file(path, rows, type_=pa.list_(pa.int32()), name="input_ids"):
+    pq.write_table(pa.table({name: pa.array(rows, type=type_)}), path)
+
+
+@pytest.mark.parametrize("rows,name,message", [
+    ([[1] * 9, [2] * 9, [3] * 8], "input_ids", r"bad\.parquet row 2: 8 tokens, expected 9"),
+    ([[1] * 9, None], "input_ids", r"bad\.parquet row 1: input_ids is missing"),
+    ([[1] * 9, [5] * 8 + [V]], "input_ids", rf"bad\.parquet row 1: token id {V} outside \[0, {V}\)"),
+    ([[1] * 9, [-3] * 9], "input_ids", r"bad\.parquet row 1: token id -3"),
+    ([[1] * 9], "tokens", r"bad\.parquet: no 'input_ids' column"),
+])
+def test_bad_rows_stop_with_file_and_row(tmp_path, rows, name, message):
+    bad_file(tmp_path / "bad.parquet", rows, name=name)
+    with pytest.raises(DataError, match=message):
+        TrainStream(str(tmp_path), 8, V, len(rows), len(rows)).next_batch()
+
+
+def test_hub_name_offline_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE.*embedded corpus.*local folder"):
+        TrainStream("pico-lm/pretokenized-dolma", 2048, 50304, 8, 8)
+    assert time.perf_counter() - start < 2
+
+
+def test_save_to_disk_folder_and_eval_rows_of_max_seq_len(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [[i] * 8 for i in range(5)]
+    datasets.Dataset.from_dict({"input_ids": rows, "text": ["t"] * 5}).save_to_disk(str(tmp_path / "ds"))
+    ev = load_eval_sequences(str(tmp_path / "ds"), 8, V)  # 8-token rows for an 8-token model
+    assert ev.shape == (5, 8) and ev[:, 0].tolist() == list(range(5))
+    s = TrainStream(str(tmp_path / "ds"), 7, V, 5, 5)
+    (x, y), = s.next_batch()
+    assert x[:, 0].tolist() == list(range(5))
+
+
+def test_transient_hub_errors_are_retried_then_reported(monkeypatch, caplog):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset by peer")
+        return "ok"
+    monkeypatch.setattr(data.time, "sleep", lambda s: None)
+    assert data._retry(flaky, "reading x") == "ok" and len(calls) == 3
+    assert "retry 1/5" in caplog.text
+
+    def down():
+        raise TimeoutError("timed out")
+    with pytest.raises(DataError, match="reading y: still failing after 6 attempts"):
+        data._retry(down, "reading y")
+
+
+def test_embedded_corpus(tmp_path):
+    assert data.file_sha256(data.TOKENIZER_PATH) == data.TOKENIZER_SHA256
+    provenance = open(os.path.join(data.DEMO_DIR, "PROVENANCE.md")).read()
+    counts = data.build_demo_corpus(out_dir=str(tmp_path))
+    for split in ("train", "validation"):
+        committed = os.path.join(data.DEMO_DIR, f"{split}.parquet")
+        rebuilt = str(tmp_path / f"{split}.parquet")
+        assert pq.read_table(rebuilt).equals(pq.read_table(committed))
+        assert f"{counts[split + '_rows']} rows" in provenance
+        if f"pyarrow {pa.__version__}" in provenance:  # bytes depend on the writer's version
+            assert data.file_sha256(rebuilt) == data.file_sha256(committed)
+            assert data.file_sha256(committed) in provenance
+    ids = pq.read_table(rebuilt).column("input_ids").to_pylist()
+    assert all(len(r) == 2049 for r in ids) and data.EOS_TOKEN_ID in ids[0]
+    tok = data.load_tokenizer()
+    assert pq.read_table(rebuilt).column("text")[0].as_py() == tok.decode(ids[0], skip_special_tokens=False)
+    train = TrainStream(data.DEMO_DIR, 256, 50304, 16, 16)
+    assert train.next_batch()[0][0].shape == (16, 256)
+
+
+def test_tokenize_your_own_files(tmp_path):
+    docs = []
+    for i in range(6):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text(("In the beginning was the word. " * 40) + f"Document {i}.")
+    n = data.tokenize_files([str(d) for d in docs], str(tmp_path / "out"), row_len=129, val_every=3)
+    assert n > 0
+    x, y = TrainStream(str(tmp_path / "out"), 128, 50304, 2, 2).next_batch()[0]
+    assert x.shape == (2, 128)
+    assert load_eval_sequences(str(tmp_path / "out"), 128, 50304, split="validation").shape[1] == 129
