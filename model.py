@@ -187,6 +187,46 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (h @ weight.T) against targets, computed `chunk` tokens at a time.
+
+    The output head of a small model is its biggest tensor: 2048 tokens x 50,304 vocabulary entries
+    is 412 MB of fp32 logits per sequence, plus as much again for their gradient. Here each chunk's
+    logits are made, turned into the loss and into the gradients for h and weight (d loss / d logits
+    = softmax - onehot), and dropped, so memory stays small. backward() only scales the stored
+    gradients. Targets equal to -100 are ignored, as in F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        # h (N, d), weight (V, d), targets (N,)
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        safe_targets = targets.masked_fill(~valid, 0)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for i in range(0, h.size(0), chunk):
+            hc, tc, vc = h[i:i + chunk], safe_targets[i:i + chunk], valid[i:i + chunk]
+            logits = (hc @ weight.t()).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            if need_grad:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                g.mul_((vc / n_valid)[:, None])
+                grad_h[i:i + chunk] = g.to(h.dtype) @ weight
+                grad_w += g.t().to(h.dtype) @ hc
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None
+
+
 class PicoDecoder(nn.Module):
 
     def __init__(self, config):
@@ -201,8 +241,10 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, targets=None, kv_cache=None):
-        """input_ids (B, T) -> (logits (B, T, vocab), mean cross-entropy or None).
+    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean"):
+        """input_ids (B, T) -> (logits (B, T, vocab), None) without targets;
+        (None, mean cross-entropy) with targets (B, T), or (None, per-token losses (B, T)) with
+        reduction="none": with targets the full logits are never materialised (LinearCrossEntropy).
         With a KVCache, input_ids are the tokens after those already cached."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -214,14 +256,19 @@ class PicoDecoder(nn.Module):
         x = self.embedding_proj(input_ids)  # (B, T, d_model)
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache)
-        logits = self.de_embedding_proj(self.output_norm(x))  # (B, T, vocab)
+        x = self.output_norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        if targets is None:
+            return self.de_embedding_proj(x), None  # (B, T, vocab)
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
+        chunk = 4096 if h.is_cuda else 128  # on CPU, chunks small enough for malloc to reuse
+        if reduction == "none":
+            losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
+                      for i in range(0, B * T, chunk)]
+            return None, torch.cat(losses).view(B, T)
+        return None, LinearCrossEntropy.apply(h, w, t, chunk)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):

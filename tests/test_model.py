@@ -177,12 +177,26 @@ def test_sampling_respects_top_k_and_is_seeded():
     assert torch.equal(b, model.generate(ids, 10, temperature=0.8, top_k=5))
 
 
-def test_loss_is_mean_cross_entropy():
-    model = small_model()
-    ids = tokens(length=17)
-    logits, loss = model(ids[:, :-1], ids[:, 1:])
-    manual = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).mean()
-    assert abs(loss.item() - manual.item()) <= 1e-5
+@pytest.mark.parametrize("batch,length", [(2, 17), (3, 100)])  # 300 tokens: several 128-token chunks
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(batch, length):
+    model = small_model(max_seq_len=128)
+    ids = tokens(batch=batch, length=length)
+    targets = ids[:, 1:].clone()
+    targets[0, :3] = -100  # ignored positions
+    _, loss = model(ids[:, :-1], targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(ids[:, :-1])
+    ref = F.cross_entropy(logits.view(-1, 97), targets.reshape(-1))
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    for n, p in model.named_parameters():
+        assert (ours[n] - p.grad).abs().max().item() <= 1e-6 * max(1.0, p.grad.abs().max().item()), n
+    with torch.no_grad():
+        _, per_token = model(ids[:, :-1], targets, reduction="none")
+    manual = F.cross_entropy(logits.view(-1, 97), targets.reshape(-1), reduction="none").view_as(per_token)
+    assert (per_token - manual).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("size,expected", [("tiny", 11_282_784), ("small", 64_595_328),

@@ -1,0 +1,152 @@
+"""train.py end to end on a tiny model: accumulation and DDP against a single process, the
+schedule's defining points, config handling, determinism, wandb offline."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from helpers import ROOT, max_diff, metrics, run_train, weights
+
+
+def load_train_settings():
+    """train.py's settings and pure helpers (everything before the run starts), as a namespace."""
+    src = open(os.path.join(ROOT, "train.py")).read()
+    ns = {"__name__": "train_settings"}
+    exec(compile(src.split('\nif __name__ != "__main__":')[0], "train.py", "exec"), ns)
+    return ns
+
+
+def test_gradient_accumulation_is_exact(tmp_path):
+    run_train(tmp_path, "--run_name=one", "--gradient_accumulation_steps=1")
+    run_train(tmp_path, "--run_name=four", "--gradient_accumulation_steps=4")
+    assert max_diff(weights(tmp_path, "one", 4), weights(tmp_path, "four", 4)) <= 1e-6
+    assert max_diff(weights(tmp_path, "one", 0), weights(tmp_path, "one", 4)) > 1e-3  # it trained
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    run_train(tmp_path, "--run_name=single")
+    run_train(tmp_path, "--run_name=ddp", "--gradient_accumulation_steps=1", nproc=2)
+    assert max_diff(weights(tmp_path, "single", 4), weights(tmp_path, "ddp", 4)) <= 1e-5
+    single, ddp = metrics(tmp_path, "single"), metrics(tmp_path, "ddp")
+    assert [m["step"] for m in single] == [m["step"] for m in ddp]
+    for a, b in zip(single, ddp):
+        for key in ("loss", "eval/loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5, (a, b)
+
+
+def test_same_seed_twice_is_bit_identical(tmp_path):
+    run_train(tmp_path, "--run_name=a", "--max_steps=3", "--save_every_n_steps=3")
+    run_train(tmp_path, "--run_name=b", "--max_steps=3", "--save_every_n_steps=3")
+    assert max_diff(weights(tmp_path, "a", 3), weights(tmp_path, "b", 3)) == 0.0
+
+
+def test_run_folder_layout_and_config_yaml(tmp_path):
+    run_train(tmp_path, "--run_name=layout", "--max_steps=2")
+    run = tmp_path / "layout"
+    cfg = yaml.safe_load(open(run / "training_config.yaml"))
+    assert cfg["model"]["d_model"] == 32 and cfg["model"]["attention_n_kv_heads"] == 1
+    assert cfg["checkpointing"]["run_name"] == "layout" and cfg["data"]["batch_size"] == 8
+    assert sorted(os.listdir(run / "eval_results")) == ["step_0.json", "step_2.json"]
+    ev = json.load(open(run / "eval_results" / "step_2.json"))
+    assert ev["paloma"] > 1 and ev["loss"] > 0 and ev["rows"] == 32  # 1 row of 2049 = 32 windows of 64
+    assert os.readlink(run / "checkpoints" / "latest") == "step_2"
+    for step in (0, 2):
+        files = os.listdir(run / "checkpoints" / f"step_{step}")
+        assert {"config.json", "model.safetensors", "tokenizer.json", "training_state.pt"} <= set(files)
+    assert "step 2/2 | loss" in open(run / "logs" / "train.log").read()
+
+
+def test_schedules_hit_their_defining_points():
+    ns = load_train_settings()
+    ns.update(lr=1.0, lr_warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    get_lr = ns["get_lr"]
+    ns["lr_scheduler"] = "linear_with_warmup"
+    assert get_lr(0) == pytest.approx(0.1) and get_lr(9) == pytest.approx(1.0)
+    assert get_lr(10) == pytest.approx(1.0) and get_lr(60) == pytest.approx(0.5) and get_lr(110) == 0.0
+    ns["lr_scheduler"] = "cosine"
+    assert get_lr(4) == pytest.approx(0.5) and get_lr(10) == pytest.approx(1.0)
+    assert get_lr(60) == pytest.approx(0.55) and get_lr(110) == pytest.approx(0.1)
+    ns["lr_scheduler"] = "step"
+    with pytest.raises(SystemExit, match="lr_scheduler"):
+        get_lr(20)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lerning_rate=1"], "unknown setting 'lerning_rate'"),
+    (["--lr_warmup=5"], "did you mean lr_warmup_steps"),
+    (["--max_steps=2.5"], "max_steps must be int"),
+    (["--auto_resume=yes"], "auto_resume must be bool"),
+    (["--layer_suffixes=3"], "layer_suffixes must be list"),
+    (["--batch_size=9"], "batch_size 9 is not divisible by gradient_accumulation_steps 2 x world_size 1 = 2"),
+])
+def test_config_errors_are_clear(tmp_path, args, message):
+    proc = run_train(tmp_path, *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overrides_are_typed_and_saved(tmp_path):
+    run_train(tmp_path, "--run_name=typed", "--max_steps=1", "--lr=2e-3", "--weight_decay=0",
+              "--layer_suffixes=attention.v_proj,swiglu.w_2", "--eval_every_n_steps=0")
+    cfg = yaml.safe_load(open(tmp_path / "typed" / "training_config.yaml"))
+    assert cfg["training"]["lr"] == 0.002 and cfg["training"]["weight_decay"] == 0.0
+    assert cfg["checkpointing"]["layer_suffixes"] == ["attention.v_proj", "swiglu.w_2"]
+
+
+def test_config_file_with_unknown_key_fails(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("d_model = 64\nn_layer = 3\n")
+    proc = run_train(tmp_path, str(bad), check=False)
+    assert "unknown setting 'n_layer'; did you mean n_layers" in proc.stderr
+
+
+def wandb_records(path):
+    """Records of a .wandb file: a 7-byte header, then LevelDB-style log records (crc32, length,
+    type: 1 full, 2 first, 3 middle, 4 last) in 32 KiB blocks."""
+    raw, pos, records, pending = open(path, "rb").read(), 7, [], b""
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # block trailer too small for a header: padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(raw[pos + 4:pos + 6], "little"), raw[pos + 6]
+        payload, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            records.append(payload)
+        elif kind in (2, 3):
+            pending += payload
+        elif kind == 4:
+            records.append(pending + payload)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_records_the_metrics(tmp_path):
+    pytest.importorskip("wandb")
+    run_train(tmp_path, "--run_name=wb", "--max_steps=2", "--save_to_wandb=True", "--wandb_project=pico-test",
+              env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    files = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    from wandb.proto import wandb_internal_pb2
+    history = []
+    for record in wandb_records(files[0]):
+        pb = wandb_internal_pb2.Record()
+        pb.ParseFromString(record)
+        if pb.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in pb.history.item})
+    logged = metrics(tmp_path, "wb")
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses == [m["loss"] for m in logged if "loss" in m] and len(losses) == 2
+    assert any("eval/paloma" in h for h in history)
+
+
+def test_wandb_online_without_key_fails_at_once(tmp_path):
+    pytest.importorskip("wandb")
+    proc = run_train(tmp_path, "--run_name=nokey", "--save_to_wandb=True", check=False, timeout=60,
+                     env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"),
+                          "HOME": str(tmp_path)})
+    assert proc.returncode != 0 and "no wandb key" in proc.stderr

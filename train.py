@@ -1,0 +1,502 @@
+"""
+Train a pico-decoder. One process:            python train.py config/demo.py
+Data parallel on one node (DDP or ZeRO-2):    torchrun --nproc_per_node=4 train.py config/demo.py
+Override any setting below:                   python train.py config/demo.py --lr=1e-3 --max_steps=50
+
+The file reads in the order a run happens: settings, set-up, model, data, the loop, the end.
+"""
+
+import ast
+import builtins
+import contextlib
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime
+
+# -----------------------------------------------------------------------------
+# settings (pico-train's names and defaults; a config file or --key=value overrides them)
+# run & checkpoints
+run_name = None  # None: a timestamped name
+runs_dir = "runs"
+save_every_n_steps = 1000
+auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
+# Hugging Face Hub (hub.py)
+save_to_hf = False
+hf_repo_id = ""
+hf_collection_slug = None
+# monitoring
+log_every_n_steps = 100
+save_to_wandb = False
+wandb_project = ""
+wandb_entity = ""
+# data
+dataset_name = "pico-lm/pretokenized-dolma"  # a Hub dataset, a folder/glob of parquet files, or a save_to_disk folder
+dataset_split = "train"
+tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
+# evaluation
+eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"
+eval_dataset_split = "val"
+eval_every_n_steps = None  # None: whenever a checkpoint is saved; 0: never (but at the end)
+eval_batch_size = 16
+eval_max_rows = None  # None: the whole evaluation set
+sample_prompt = ""  # if set, rank 0 prints a sample continuation at the end of the run
+# model (model.ModelConfig)
+d_model = 768
+n_layers = 12
+vocab_size = 50304
+max_seq_len = 2048
+attention_n_heads = 12
+attention_n_kv_heads = 4
+activation_hidden_dim = 3072
+norm_eps = 1e-6
+position_emb_theta = 10000.0
+# optimisation
+batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
+gradient_accumulation_steps = 128
+max_steps = 200_000
+lr = 3e-4
+lr_scheduler = "linear_with_warmup"  # or "cosine"
+lr_warmup_steps = 2500
+min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
+weight_decay = 0.01  # torch's AdamW default, as pico-train; applied to 2-D weights only
+adam_beta1 = 0.9
+adam_beta2 = 0.999
+adam_eps = 1e-8
+grad_clip = 1.0  # 0 disables clipping
+# learning dynamics (dynamics.py)
+layer_suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
+sequence_idx = -1
+learning_dynamics_batch_size = 8
+learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"
+# system
+device = "auto"  # auto: cuda if available, else cpu
+precision = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+backend = "auto"  # auto: DeepSpeed ZeRO-2 on >1 CUDA device, else DDP; or "ddp" / "deepspeed"
+compile = False  # torch.compile the model
+seed = 42
+# -----------------------------------------------------------------------------
+CONFIG_TYPES = (bool, int, float, str, list, type(None))
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
+
+
+def check_type(key, value, default):
+    ok = (isinstance(value, bool) if isinstance(default, bool) else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
+          isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
+          isinstance(value, list) and all(isinstance(v, str) for v in value) if isinstance(default, list) else
+          isinstance(value, str) or value is None if isinstance(default, str) else
+          isinstance(value, CONFIG_TYPES))
+    if not ok:
+        raise SystemExit(f"config error: {key} must be {type(default).__name__} (like its default "
+                         f"{default!r}), got {value!r}")
+    return float(value) if isinstance(default, float) else value
+
+
+def unknown(key):
+    close = difflib.get_close_matches(key, config_keys, n=3, cutoff=0.5)
+    return SystemExit(f"config error: unknown setting {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                 "; see the settings at the top of train.py"))
+
+
+def configure(argv):
+    """Run the config file (plain assignments), then apply --key=value overrides, type-checked."""
+    g = globals()
+    for arg in argv:
+        if not arg.startswith("--"):
+            namespace = {}
+            with open(arg) as f:
+                exec(builtins.compile(f.read(), arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
+                    continue  # imports, helpers
+                if key not in config_keys:
+                    raise unknown(key)
+                g[key] = check_type(key, value, g[key])
+        else:
+            key, _, text = arg[2:].partition("=")
+            if key not in config_keys:
+                raise unknown(key)
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string: --run_name=demo
+            if isinstance(g[key], list) and isinstance(value, str):
+                value = [v for v in value.split(",") if v]  # --layer_suffixes=a,b
+            if isinstance(g[key], str) and isinstance(value, (int, float)):
+                value = text
+            g[key] = check_type(key, value, g[key])
+
+
+YAML_SECTIONS = {  # pico-train's nested training_config.yaml layout (pico-analyze reads model.* and checkpointing.run_name)
+    "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim norm_eps position_emb_theta",
+    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume save_to_hf hf_repo_id hf_collection_slug layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
+    "data": "dataset_name dataset_split tokenizer_path batch_size",
+    "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 adam_eps grad_clip device precision backend compile seed",
+    "evaluation": "eval_dataset_name eval_dataset_split eval_every_n_steps eval_batch_size eval_max_rows sample_prompt",
+    "monitoring": "log_every_n_steps save_to_wandb wandb_project wandb_entity",
+}
+
+
+def get_lr(step):
+    """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
+    Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
+    (linear_with_warmup, pico-train's) or cosine decay to lr * min_lr_ratio."""
+    if step < lr_warmup_steps:
+        return lr * (step + 1) / lr_warmup_steps
+    progress = min(1.0, (step - lr_warmup_steps) / max(1, max_steps - lr_warmup_steps))
+    if lr_scheduler == "linear_with_warmup":
+        return lr * (1.0 - progress)
+    if lr_scheduler == "cosine":
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
+
+
+def load_dotenv(path):
+    """Honour the guide's .env (`export WANDB_API_KEY=...`) without printing any value."""
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip().removeprefix("export ").strip()
+                if line and not line.startswith("#") and "=" in line:
+                    key, value = line.split("=", 1)
+                    os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+if __name__ != "__main__":
+    raise ImportError("train.py is a script: python train.py config/<file>.py")
+configure(sys.argv[1:])
+load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+
+import numpy as np  # noqa: E402  (after configure: `--help`-style errors come before slow imports)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+
+import checkpoint  # noqa: E402
+import data  # noqa: E402
+from model import ModelConfig, PicoDecoder, load_pretrained, save_pretrained  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# set-up: processes, device, precision
+distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+master = rank == 0
+if device == "auto":
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+if backend == "auto":
+    backend = "deepspeed" if device_type == "cuda" and world_size > 1 else "ddp"
+if backend not in ("ddp", "deepspeed"):
+    raise SystemExit(f"config error: backend must be 'auto', 'ddp' or 'deepspeed', got {backend!r}")
+if precision == "auto":
+    precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+use_deepspeed = backend == "deepspeed"
+if use_deepspeed:
+    # ZeRO stage 2 shards the optimizer state and the gradients across ranks while every rank keeps
+    # the full weights. Stage 3 (sharded weights) is not supported: learning dynamics need every
+    # layer's full weights, activations and gradients on hand at each checkpoint.
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(k, v)  # plain `python train.py` with DeepSpeed: a world of one
+    import deepspeed
+    if device_type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else it compiles an op for ~minutes
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+elif distributed:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+is_dist = dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if is_dist:
+        dist.barrier()
+
+
+def all_ranks_sum(t):
+    if is_dist:
+        dist.all_reduce(t)  # gloo has no AVG: sum, then divide where needed
+    return t
+
+
+# batch arithmetic: batch_size sequences per step = gradient_accumulation_steps x world_size x sub_batch
+if batch_size % (gradient_accumulation_steps * world_size):
+    raise SystemExit(f"config error: batch_size {batch_size} is not divisible by gradient_accumulation_steps "
+                     f"{gradient_accumulation_steps} x world_size {world_size} = {gradient_accumulation_steps * world_size}")
+sub_batch = batch_size // (gradient_accumulation_steps * world_size)
+tokens_per_step = batch_size * max_seq_len
+
+# run folder, logs, the effective config
+if run_name is None:
+    name = [datetime.now().strftime("pico_%Y-%m-%d_%H-%M-%S")]
+    if is_dist:
+        dist.broadcast_object_list(name)
+    run_name = name[0]
+run_dir = os.path.join(runs_dir, run_name)
+config = {k: globals()[k] for k in config_keys}
+os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+log_file = open(os.path.join(run_dir, "logs", "train.log"), "a") if master else None
+
+
+def log(msg):
+    if master:
+        line = f"[{datetime.now():%H:%M:%S}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+
+def log_metrics(row):
+    if master:
+        with open(os.path.join(run_dir, "logs", "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+if master:
+    nested = {section: {k: config[k] for k in keys.split()} for section, keys in YAML_SECTIONS.items()}
+    nested["model"]["model_type"] = "pico_decoder"
+    nested["training"]["world_size"] = world_size
+    with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
+        yaml.safe_dump(nested, f, sort_keys=False)
+log(f"run {run_dir}: {world_size} process(es), {device}, {precision}, backend {backend if is_dist else 'single'}; "
+    f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
+    f"{world_size} ranks x sub-batch {sub_batch}")
+log("config: " + json.dumps(config))
+
+wandb_run = None
+if save_to_wandb and master:
+    import wandb
+    if os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun") and not (
+            os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
+        raise SystemExit("save_to_wandb=True but no wandb key: put `export WANDB_API_KEY=...` in .env, "
+                         "run `wandb login`, or set WANDB_MODE=offline")
+    wandb_run = wandb.init(project=wandb_project or None, entity=wandb_entity or None, name=run_name,
+                           id=run_name.replace("/", "-"), resume="allow", dir=run_dir, config=config,
+                           settings=wandb.Settings(init_timeout=60))
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+torch.manual_seed(seed)
+model_config = ModelConfig(d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                           attention_n_heads=attention_n_heads, attention_n_kv_heads=attention_n_kv_heads,
+                           activation_hidden_dim=activation_hidden_dim, norm_eps=norm_eps,
+                           position_emb_theta=position_emb_theta)
+model = PicoDecoder(model_config).to(device)
+raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
+# weight decay on the 2-D weights (matrices, embedding) only: decaying the norms' gains pulls them to 0
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps)
+flops_per_token = raw_model.flops_per_token(max_seq_len)
+log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+
+# -----------------------------------------------------------------------------
+# data
+train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
+                              split=dataset_split, device=device)
+eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
+tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
+
+# -----------------------------------------------------------------------------
+# resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
+MUST_MATCH = set(YAML_SECTIONS["model"].split()) | {"dataset_name", "dataset_split", "backend"}
+if use_deepspeed:
+    MUST_MATCH.add("world_size")  # ZeRO-2 optimizer shards are per rank
+run_state = {**config, "backend": backend, "world_size": world_size}
+start_step, resume_from, resumed_state = 0, None, None
+if auto_resume:
+    if master:
+        for stale in checkpoint.clean_partial(run_dir):
+            log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
+    barrier()
+    resume_from = checkpoint.latest(run_dir)
+if resume_from:
+    resumed_state = torch.load(os.path.join(resume_from, "training_state.pt"), map_location="cpu", weights_only=False)
+    bad, harmless = checkpoint.compare_configs(resumed_state["config"], run_state, MUST_MATCH)
+    if bad:
+        raise SystemExit(f"cannot resume {resume_from}: these settings differ from the saved run: " +
+                         ", ".join(f"{k} (saved {resumed_state['config'].get(k)!r}, now {run_state.get(k)!r})" for k in bad) +
+                         f". Use another run_name, or auto_resume=False to start over in {run_dir}.")
+    if harmless:
+        log("resuming with changed settings: " + ", ".join(
+            f"{k}: {resumed_state['config'].get(k)!r} -> {run_state.get(k)!r}" for k in harmless))
+    with torch.no_grad():
+        for p, q in zip(raw_model.state_dict().values(), load_pretrained(resume_from).state_dict().values()):
+            p.copy_(q)
+    if not use_deepspeed:
+        optimizer.load_state_dict(resumed_state["optimizer"])
+    train_data.load_state_dict(resumed_state["data"])
+    start_step = resumed_state["step"]
+    log(f"resumed from {resume_from} at step {start_step}")
+
+# -----------------------------------------------------------------------------
+# wrap for data parallelism
+if use_deepspeed:
+    ds_config = {
+        "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": sub_batch,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": grad_clip, "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 2**31 - 1,
+    }
+    model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if resume_from:
+        model.load_checkpoint(resume_from, tag="deepspeed", load_module_strict=True)
+elif is_dist:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if resumed_state is not None:
+    checkpoint.set_rng_state(resumed_state["rng"][rank % len(resumed_state["rng"])])
+if compile:
+    model = torch.compile(model)
+# bf16 autocast under DDP (fp32 weights, bf16 matmuls); DeepSpeed casts the weights to bf16 itself
+autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" and not use_deepspeed
+            else contextlib.nullcontext())
+
+
+@torch.no_grad()
+def evaluate():
+    """Perplexity on the evaluation set. Rank r scores rows r, r + W, ...; the sums are added over
+    ranks, so every rank returns the same numbers and no rank idles while rank 0 works."""
+    raw_model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # sum of per-row ppl, rows, sum of token losses, tokens
+    mine = eval_seqs[rank::world_size]
+    for i in range(0, len(mine), eval_batch_size):
+        chunk = torch.from_numpy(mine[i:i + eval_batch_size]).to(device)
+        with autocast:
+            _, losses = raw_model(chunk[:, :-1], chunk[:, 1:], reduction="none")  # (B, T)
+        totals[0] += losses.mean(1).exp().sum()
+        totals[1] += len(chunk)
+        totals[2] += losses.sum()
+        totals[3] += losses.numel()
+    all_ranks_sum(totals)
+    raw_model.train()
+    ppl_sum, rows, loss_sum, n_tokens = totals.tolist()
+    return {"paloma": ppl_sum / rows, "loss": loss_sum / n_tokens, "perplexity": math.exp(loss_sum / n_tokens),
+            "rows": int(rows), "dataset": eval_dataset_name}
+
+
+def save_checkpoint(step):
+    """Model (Hugging Face format), tokenizer and training state into step_<step>, atomically."""
+    t0 = time.time()
+    tmp = [checkpoint.begin(run_dir, step) if master else None]
+    if is_dist:
+        dist.broadcast_object_list(tmp)
+    tmp = tmp[0]
+    rng = [None] * world_size
+    if is_dist:
+        dist.all_gather_object(rng, checkpoint.rng_state())
+    else:
+        rng = [checkpoint.rng_state()]
+    if use_deepspeed:
+        model.save_checkpoint(tmp, tag="deepspeed")  # every rank writes its optimizer shard
+    if master:
+        save_pretrained(raw_model, tmp)
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                       "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
+        torch.save({"step": step, "optimizer": None if use_deepspeed else optimizer.state_dict(),
+                    "data": train_data.state_dict(), "rng": rng, "config": run_state},
+                   os.path.join(tmp, "training_state.pt"))
+    barrier()
+    if master:
+        checkpoint.commit(run_dir, step, tmp)
+    barrier()
+    log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+eval_every = save_every_n_steps if eval_every_n_steps is None else eval_every_n_steps
+step = start_step
+t_start = t_last = time.time()
+steps_since_log = 0
+while True:
+    last_step = step == max_steps
+    if not (resume_from and step == start_step):  # the step we resumed from is already saved
+        if last_step or (eval_every and step % eval_every == 0):
+            results = evaluate()
+            log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
+                f"{results['paloma']:.2f} on {results['rows']} sequences")
+            if master:
+                os.makedirs(os.path.join(run_dir, "eval_results"), exist_ok=True)
+                with open(os.path.join(run_dir, "eval_results", f"step_{step}.json"), "w") as f:
+                    json.dump(results, f, indent=2)
+            log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
+        if last_step or step % save_every_n_steps == 0:
+            save_checkpoint(step)
+    if last_step:
+        break
+
+    # one optimizer step = gradient_accumulation_steps micro-steps on this rank's sub-batches
+    step_lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr
+    loss_sum = torch.zeros((), device=device)
+    for micro_step, (x, y) in enumerate(train_data.next_batch()):
+        if is_dist and not use_deepspeed:
+            # DDP all-reduces gradients during backward; only the last micro-step needs it
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with autocast:
+            _, loss = model(x, y)
+        loss_sum += loss.detach()
+        if use_deepspeed:
+            model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            model.step()  # the ZeRO-2 optimizer steps (and clips) only at the accumulation boundary
+        else:
+            # each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps
+            # (and DDP's average over ranks) makes the gradient the mean over the whole global batch
+            (loss / gradient_accumulation_steps).backward()
+    if not use_deepspeed:
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
+    step += 1
+
+    # one host sync per optimizer step: the global mean loss, checked before anything is saved
+    step_loss = (all_ranks_sum(loss_sum / gradient_accumulation_steps) / world_size).item()
+    if not math.isfinite(step_loss):
+        log(f"step {step}: loss is {step_loss}; stopping. The last good checkpoint is "
+            f"{checkpoint.latest(run_dir)}; lower lr or check the data before resuming.")
+        raise SystemExit(f"non-finite loss ({step_loss}) at step {step}")
+    steps_since_log += 1
+    if step % log_every_n_steps == 0 or step == max_steps:
+        now = time.time()
+        tok_s = steps_since_log * tokens_per_step / (now - t_last)
+        row = {"step": step, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+        peak = next((p for name, p in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+                     if device_type == "cuda" and precision == "bf16" and name in torch.cuda.get_device_name()), None)
+        mfu = f", MFU {flops_per_token * tok_s / (peak * world_size):.1%}" if peak else ""
+        if peak:
+            row["mfu"] = flops_per_token * tok_s / (peak * world_size)
+        eta = (now - t_start) / (step - start_step) * (max_steps - step)
+        log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {float(grad_norm):.3f} | "
+            f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
+        log_metrics(row)
+        t_last, steps_since_log = now, 0
+
+# -----------------------------------------------------------------------------
+# the end
+if master and sample_prompt:
+    prompt = torch.tensor([tokenizer.encode(sample_prompt, add_special_tokens=False).ids], device=device)
+    torch.manual_seed(seed)
+    with autocast:
+        out = raw_model.eval().generate(prompt, max_new_tokens=min(60, max_seq_len - prompt.size(1)),
+                                        temperature=0.8, top_k=50, eos_token_id=data.EOS_TOKEN_ID)
+    log("sample: " + tokenizer.decode(out[0].tolist(), skip_special_tokens=True).replace("\n", " / "))
+log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session)")
+if wandb_run is not None:
+    wandb_run.finish()
+if is_dist:
+    dist.destroy_process_group()
