@@ -24,6 +24,7 @@ run_name = None  # None: a timestamped name
 runs_dir = "runs"
 save_every_n_steps = 1000
 auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
+stop_at_step = None  # end this session at this step with a checkpoint (job time limits); run again to go on
 # Hugging Face Hub (hub.py)
 save_to_hf = False
 hf_repo_id = ""
@@ -133,7 +134,7 @@ def configure(argv):
 
 YAML_SECTIONS = {  # pico-train's nested training_config.yaml layout (pico-analyze reads model.* and checkpointing.run_name)
     "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim norm_eps position_emb_theta",
-    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume save_to_hf hf_repo_id hf_collection_slug layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
+    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume stop_at_step save_to_hf hf_repo_id hf_collection_slug layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
     "data": "dataset_name dataset_split tokenizer_path batch_size",
     "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 adam_eps grad_clip device precision backend compile seed",
     "evaluation": "eval_dataset_name eval_dataset_split eval_every_n_steps eval_batch_size eval_max_rows sample_prompt",
@@ -338,6 +339,12 @@ if resume_from:
     train_data.load_state_dict(resumed_state["data"])
     start_step = resumed_state["step"]
     log(f"resumed from {resume_from} at step {start_step}")
+    metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
+    if master and os.path.exists(metrics_path):  # drop rows of steps after the checkpoint: they are redone
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
 
 # -----------------------------------------------------------------------------
 # wrap for data parallelism
@@ -422,6 +429,7 @@ t_start = t_last = time.time()
 steps_since_log = 0
 while True:
     last_step = step == max_steps
+    stopping = step == stop_at_step
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
         if last_step or (eval_every and step % eval_every == 0):
             results = evaluate()
@@ -432,9 +440,9 @@ while True:
                 with open(os.path.join(run_dir, "eval_results", f"step_{step}.json"), "w") as f:
                     json.dump(results, f, indent=2)
             log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
-        if last_step or step % save_every_n_steps == 0:
+        if last_step or stopping or step % save_every_n_steps == 0:
             save_checkpoint(step)
-    if last_step:
+    if last_step or stopping:
         break
 
     # one optimizer step = gradient_accumulation_steps micro-steps on this rank's sub-batches
