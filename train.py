@@ -179,6 +179,7 @@ import yaml  # noqa: E402
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
+import dynamics  # noqa: E402
 from model import ModelConfig, PicoDecoder, load_pretrained, save_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -307,6 +308,11 @@ train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size,
                               split=dataset_split, device=device)
 eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
 tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
+dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
+if layer_suffixes:
+    dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
+    dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else
+                         data.load_eval_sequences(learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split))
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
@@ -405,7 +411,23 @@ def save_checkpoint(step):
         rng = [checkpoint.rng_state()]
     if use_deepspeed:
         model.save_checkpoint(tmp, tag="deepspeed")  # every rank writes its optimizer shard
+    captured = {}
+    if layer_suffixes:  # every rank takes a share of the rows
+        t1 = time.time()
+        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=learning_dynamics_batch_size,
+                    rank=rank, world_size=world_size, device=device, autocast=autocast,
+                    full_weight=deepspeed.utils.safe_get_full_fp32_param if use_deepspeed else None)
+        captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args))
+        if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
+            rows = train_data.peek_global_batch()
+            captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
+        log(f"step {step}: learning dynamics of {len(dynamics.find_layers(raw_model, layer_suffixes))} layers on "
+            + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s")
     if master:
+        for split, (rows, result) in captured.items():
+            dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
+            if split == "train":
+                dynamics.save_rows(rows, os.path.join(tmp, "learning_dynamics", "train_data"), tokenizer)
         save_pretrained(raw_model, tmp)
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:

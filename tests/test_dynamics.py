@@ -1,0 +1,112 @@
+"""dynamics.py: captured activations and gradients against a plain forward/backward of a fresh
+model, 1 vs 2 processes (DDP and ZeRO-2), capture on vs off, and a pico-analyze-style reader."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynamics
+from helpers import max_diff, run_train, weights
+from model import load_pretrained
+
+SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def reference(model, seqs, sequence_idx=-1):
+    """One plain forward + backward over all rows at once, with F.cross_entropy on full logits."""
+    model.zero_grad()
+    outs, hooks = {}, []
+    for name, m in model.named_modules():
+        if any(name.endswith(s) for s in SUFFIXES):
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o[:, sequence_idx])))
+    x = torch.from_numpy(np.asarray(seqs))
+    logits, _ = model(x[:, :-1])
+    F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: m.weight.grad for n, m in model.named_modules() if n in outs}
+    return outs, grads
+
+
+def read_like_pico_analyze(folder, split, n_layers):
+    """pico-analyze's reading: the common prefix of the activation keys, then <prefix><i>.<suffix>
+    in all three files for every layer; every tensor float32 and SVD-able."""
+    files = {k: torch.load(os.path.join(folder, f"{split}_{k}.pt"), weights_only=True) for k in dynamics.KINDS}
+    keys = list(files["activations"])
+    prefix = os.path.commonprefix(keys)
+    prefix = prefix[:prefix.rfind(".") + 1] if not prefix.endswith(".") else prefix
+    prefix = prefix.rstrip("0123456789")
+    assert set(files["activations"]) == set(files["weights"]) == set(files["gradients"])
+    for i in range(n_layers):
+        for suffix in SUFFIXES:
+            for kind, d in files.items():
+                t = d[f"{prefix}{i}.{suffix}"]
+                assert t.dtype == torch.float32 and t.device.type == "cpu"
+                torch.linalg.svdvals(t)
+    assert len(keys) == n_layers * len(SUFFIXES)  # nothing else in the files
+    return files
+
+
+def test_capture_matches_plain_forward_and_backward(tmp_path):
+    run_train(tmp_path, "--run_name=dyn", "--max_steps=4")
+    step_dir = tmp_path / "dyn" / "checkpoints" / "step_2"
+    fresh = load_pretrained(step_dir)
+    import datasets
+    train_rows = np.array(datasets.load_from_disk(str(step_dir / "learning_dynamics" / "train_data"))["input_ids"])
+    import data
+    val_rows = data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1)
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        acts, w, grads = dynamics.load(tmp_path / "dyn", 2, split)
+        ref_acts, ref_grads = reference(fresh, rows)
+        assert len(acts) == 6
+        for name in acts:
+            assert acts[name].shape == (len(rows), ref_acts[name].shape[-1])
+            assert rel_err(acts[name], ref_acts[name].detach()) <= 1e-5, (split, name)
+            assert rel_err(grads[name], ref_grads[name]) <= 1e-5, (split, name)
+            assert torch.equal(w[name], dict(fresh.named_modules())[name].weight.detach())
+    # the train rows are the rows step 3 trains on: the data position saved at step 2
+    state = torch.load(step_dir / "training_state.pt", weights_only=False)
+    stream = data.TrainStream("data/demo", 64, 50304, 8, 4)
+    stream.load_state_dict(state["data"])
+    assert np.array_equal(stream.peek_global_batch(), train_rows)
+    read_like_pico_analyze(step_dir / "learning_dynamics", "train", 2)
+    read_like_pico_analyze(step_dir / "learning_dynamics", "val", 2)
+    with pytest.raises(FileNotFoundError, match="no train learning dynamics"):
+        dynamics.load(tmp_path / "dyn", 4, "train")  # the final step has no next batch
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_two_processes_write_the_same_files_as_one(tmp_path, backend):
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    args = ["--max_steps=2", "--learning_dynamics_batch_size=3"]  # 3 does not divide the rows per rank
+    run_train(tmp_path, "--run_name=one", *args)
+    run_train(tmp_path, "--run_name=two", *args, f"--backend={backend}", "--gradient_accumulation_steps=1", nproc=2)
+    for step, splits in ((0, ("train", "val")), (2, ("val",))):
+        for split in splits:
+            one, two = dynamics.load(tmp_path / "one", step, split), dynamics.load(tmp_path / "two", step, split)
+            for a, b in zip(one, two):
+                assert list(a) == list(b)
+                for k in a:
+                    assert a[k].shape == b[k].shape and rel_err(b[k], a[k]) <= 1e-5, (step, split, k)
+
+
+def test_capture_on_and_off_train_identically(tmp_path):
+    run_train(tmp_path, "--run_name=on", "--max_steps=4")
+    run_train(tmp_path, "--run_name=off", "--max_steps=4", "--layer_suffixes=")
+    assert not os.path.exists(tmp_path / "off" / "checkpoints" / "step_2" / "learning_dynamics")
+    final = sorted(os.listdir(tmp_path / "on" / "checkpoints" / "step_4" / "learning_dynamics"))
+    assert final == ["val_activations.pt", "val_gradients.pt", "val_weights.pt"]
+    assert max_diff(weights(tmp_path, "on", 4), weights(tmp_path, "off", 4)) == 0.0
+
+
+def test_unknown_suffix_fails_at_start(tmp_path):
+    proc = run_train(tmp_path, "--run_name=typo", "--layer_suffixes=attention.v_projj", check=False)
+    assert proc.returncode != 0 and "match no linear layer" in proc.stderr
