@@ -105,6 +105,7 @@ def save_rows(seqs, folder, tokenizer=None):
     """The captured rows as a Dataset.save_to_disk folder (input_ids as LargeList, which older
     `datasets` versions such as pico-analyze's can read; text where a tokenizer exists)."""
     import datasets
+    datasets.disable_progress_bars()
     rows = np.asarray(seqs).astype(np.int32)
     columns = {"input_ids": [r.tolist() for r in rows]}
     features = {"input_ids": datasets.LargeList(datasets.Value("int32"))}

@@ -29,6 +29,7 @@ stop_at_step = None  # end this session at this step with a checkpoint (job time
 save_to_hf = False
 hf_repo_id = ""
 hf_collection_slug = None
+hf_wait_at_end_s = 600  # at the end, wait this long for queued uploads (they are kept for later either way)
 # monitoring
 log_every_n_steps = 100
 save_to_wandb = False
@@ -134,7 +135,7 @@ def configure(argv):
 
 YAML_SECTIONS = {  # pico-train's nested training_config.yaml layout (pico-analyze reads model.* and checkpointing.run_name)
     "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim norm_eps position_emb_theta",
-    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume stop_at_step save_to_hf hf_repo_id hf_collection_slug layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
+    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume stop_at_step save_to_hf hf_repo_id hf_collection_slug hf_wait_at_end_s layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
     "data": "dataset_name dataset_split tokenizer_path batch_size",
     "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 adam_eps grad_clip device precision backend compile seed",
     "evaluation": "eval_dataset_name eval_dataset_split eval_every_n_steps eval_batch_size eval_max_rows sample_prompt",
@@ -272,6 +273,17 @@ log(f"run {run_dir}: {world_size} process(es), {device}, {precision}, backend {b
     f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
 log("config: " + json.dumps(config))
+
+uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
+if save_to_hf:
+    if not hf_repo_id:
+        raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit("save_to_hf=True needs the network, but HF_HUB_OFFLINE is set")
+    os.environ["HF_HUB_OFFLINE"] = "0"  # a local dataset would otherwise switch the Hub client offline
+    if master:
+        import hub
+        uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log_fn=log)
 
 wandb_run = None
 if save_to_wandb and master:
@@ -438,6 +450,9 @@ def save_checkpoint(step):
                    os.path.join(tmp, "training_state.pt"))
     barrier()
     if master:
+        if uploader:  # queued before the folder is sealed: a crash in between loses no upload
+            uploader.enqueue(run_dir, step, checkpoint.step_dir(run_dir, step), tmp,
+                             os.path.exists(os.path.join(run_dir, "eval_results", f"step_{step}.json")))
         checkpoint.commit(run_dir, step, tmp)
     barrier()
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
@@ -525,6 +540,8 @@ if master and sample_prompt:
         out = raw_model.eval().generate(prompt, max_new_tokens=min(60, max_seq_len - prompt.size(1)),
                                         temperature=0.8, top_k=50, eos_token_id=data.EOS_TOKEN_ID)
     log("sample: " + tokenizer.decode(out[0].tolist(), skip_special_tokens=True).replace("\n", " / "))
+if uploader:
+    uploader.finish(hf_wait_at_end_s)
 log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session)")
 if wandb_run is not None:
     wandb_run.finish()

@@ -1,0 +1,155 @@
+"""hub.py against a local Hub server (tests/hub_server.py) through the real huggingface_hub client:
+commit titles and files per step, step lookup and download at a commit, outages, kill -9 during
+uploads, a bad token, and a pico-analyze-style read of a run fetched back from the Hub."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, TINY, run_train
+from hub_server import HubServer
+
+REPO = "tester/pico-demo"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server = HubServer().start()
+    env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_dummy_test_token",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    server.env = env
+    yield server
+    try:
+        server.stop()
+    except Exception:
+        pass
+
+
+def hub_args(run):
+    return [f"--run_name={run}", "--save_to_hf=True", f"--hf_repo_id={REPO}", "--max_steps=4"]
+
+
+def expected_titles(steps, final):
+    titles = []
+    for s in steps:
+        titles.append(f"Saving HF Model -- Step {s}")
+        if s == 0:
+            titles += ["Saving Tokenizer -- Step 0", "Saving Training Config -- Step 0"]
+        titles += [f"Saving Fabric Checkpoint -- Step {s}", f"Saving Evaluation Results -- Step {s}"]
+        if s != final:
+            titles.append(f"Saving Learning Dynamics Data (train) -- Step {s}")
+        titles.append(f"Saving Learning Dynamics Data (val) -- Step {s}")
+    return titles
+
+
+def run_hub_cli(hub, *args):
+    return subprocess.run([sys.executable, "hub.py", *args], cwd=ROOT, env={**os.environ, **hub.env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, hub):
+    proc = run_train(tmp_path, *hub_args("pushed"), env=hub.env)
+    assert "hub: everything is on" in proc.stdout
+    assert "hf_dummy_test_token" not in proc.stdout + proc.stderr
+    titles = [t for t, _ in hub.titles(REPO, "pushed")][1:]  # after the repo's initial commit
+    assert titles == expected_titles([0, 2, 4], final=4)
+    root = hub.files(REPO, "pushed")
+    assert not [p for p in root if p.startswith("learning_dynamics/train_")]  # stale train files deleted
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.yaml",
+            "training_state/training_state.pt", "eval_results/step_4.json",
+            "learning_dynamics/val_activations.pt"} <= set(root)
+    local = tmp_path / "pushed" / "checkpoints"
+    assert root["model.safetensors"] == (local / "step_4" / "model.safetensors").read_bytes()
+
+    listing = run_hub_cli(hub, "list", REPO, "--branch", "pushed")
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split(":")[0] for line in listing.stdout.splitlines()] == ["step 0", "step 2", "step 4"]
+    for step in (0, 2, 4):  # every step's dynamics, fetched at its commit, equal the bytes on disk
+        out = tmp_path / f"dl{step}"
+        proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", str(step), "--what", "dynamics", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        for split in (("val",) if step == 4 else ("train", "val")):
+            for kind in ("activations", "weights", "gradients"):
+                name = f"{split}_{kind}.pt"
+                assert (out / "learning_dynamics" / name).read_bytes() == \
+                    (local / f"step_{step}" / "learning_dynamics" / name).read_bytes(), (step, name)
+
+
+def test_a_run_read_back_from_the_hub_works_with_a_pico_analyze_reader(tmp_path, hub):
+    from test_dynamics import read_like_pico_analyze
+    run_train(tmp_path, *hub_args("analyze"), env=hub.env)
+    out = tmp_path / "from_hub"
+    for what in ("config", "dynamics"):
+        proc = run_hub_cli(hub, "download", REPO, "--branch", "analyze", "--step", "2", "--what", what, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+    import yaml
+    cfg = yaml.safe_load(open(out / "training_config.yaml"))
+    assert cfg["model"]["d_model"] == 32 and cfg["checkpointing"]["run_name"] == "analyze"
+    for split in ("train", "val"):
+        read_like_pico_analyze(out / "learning_dynamics", split, 2)
+
+
+def test_resume_from_a_step_on_the_hub(tmp_path, hub):
+    from helpers import max_diff, weights
+    run_train(tmp_path, *hub_args("origin"), env=hub.env)
+    elsewhere = tmp_path / "elsewhere"
+    proc = run_hub_cli(hub, "restore", REPO, "--branch", "origin", "--step", "2", "--run-dir", str(elsewhere / "origin"))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_train(elsewhere, "--run_name=origin", "--max_steps=4")
+    assert "resumed from" in proc.stdout
+    assert max_diff(weights(tmp_path, "origin", 4), weights(elsewhere, "origin", 4)) == 0.0
+
+
+def test_outage_mid_run_loses_nothing(tmp_path, hub):
+    args = hub_args("outage") + ["--max_steps=8", "--save_every_n_steps=2", "--hf_wait_at_end_s=120"]
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", *args], cwd=ROOT,
+                            env={**os.environ, **hub.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not any(t.startswith("Saving HF Model -- Step 0") for t, _ in
+                  (hub.titles(REPO, "outage") if REPO in hub.state.repos and "outage" in hub.state.repos[REPO]["branches"] else [])):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    hub.stop()
+    while not (tmp_path / "outage" / "checkpoints" / "step_4").exists():
+        assert proc.poll() is None, "training stopped during the outage"
+        time.sleep(0.1)
+    hub.start()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "hub: everything is on" in out
+    titles = [t for t, _ in hub.titles(REPO, "outage")][1:]
+    assert titles == expected_titles([0, 2, 4, 6, 8], final=8)  # all, once each, in order
+
+
+def test_kill_during_upload_then_restart_uploads_everything_once(tmp_path, hub):
+    args = hub_args("killed") + ["--max_steps=4"]
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", *args], cwd=ROOT,
+                            env={**os.environ, **hub.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while sum(1 for m, p in hub.state.requests if "/commit/" in p) < 3:  # mid-way through the uploads
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "killed" / "hub_queue.json").exists()
+    out = run_train(tmp_path, *args, env=hub.env).stdout
+    assert "left from an earlier session" in out
+    titles = [t for t, _ in hub.titles(REPO, "killed")][1:]
+    assert titles == expected_titles([0, 2, 4], final=4)
+
+
+def test_bad_token_is_reported_once_and_training_goes_on(tmp_path, hub):
+    proc = run_train(tmp_path, *hub_args("badtoken"), env={**hub.env, "HF_TOKEN": "bad"})
+    assert proc.stdout.count("the Hub refused (401)") == 1
+    assert "NOT uploaded" in proc.stdout and "hub.py push" in proc.stdout
+    assert os.path.exists(tmp_path / "badtoken" / "checkpoints" / "step_4" / "model.safetensors")
+    assert "Bearer" not in proc.stdout
+    # later, with a good token, `hub.py push` uploads what is queued
+    push = run_hub_cli(hub, "push", str(tmp_path / "badtoken"))
+    assert push.returncode == 0, push.stdout + push.stderr
+    assert [t for t, _ in hub.titles(REPO, "badtoken")][1:] == expected_titles([0, 2, 4], final=4)
