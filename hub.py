@@ -89,7 +89,7 @@ def plan_commits(run_dir, step, step_dir, has_eval):
         return {prefix + n: os.path.join(step_dir, n) for n in names if os.path.exists(os.path.join(step_dir, n))}
 
     commits = [{"title": f"Saving HF Model -- Step {step}", "files": files(MODEL_FILES), "delete": []}]
-    if step == 0:
+    if step == 0 and files(TOKENIZER_FILES):
         commits.append({"title": "Saving Tokenizer -- Step 0", "files": files(TOKENIZER_FILES), "delete": []})
         commits.append({"title": "Saving Training Config -- Step 0", "delete": [],
                         "files": {"training_config.yaml": os.path.join(run_dir, "training_config.yaml")}})
@@ -190,7 +190,9 @@ class Uploader:
                                        for x in _chain(e))
                     raise PermanentError(f"{what}: {detail}") from None
                 if not reported:
-                    self.log(f"hub: {what} failed ({type(e).__name__}); retrying in the background")
+                    cause = next((x for x in reversed(list(_chain(e)))), e)
+                    self.log(f"hub: {what} failed ({type(cause).__name__}: {_scrub(str(cause)).splitlines()[0][:200] if str(cause) else ''}); "
+                             f"retrying in the background")
                     reported = True
                 if self.stopping and self.give_up_at and time.time() > self.give_up_at:
                     raise

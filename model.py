@@ -208,11 +208,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         for i in range(0, h.size(0), chunk):
             hc, tc, vc = h[i:i + chunk], safe_targets[i:i + chunk], valid[i:i + chunk]
-            logits = (hc @ weight.t()).float()  # (chunk, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)  # (chunk, V)
+            loss -= (logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
             if need_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g = logp.exp_()  # softmax, in place
                 g[torch.arange(len(tc), device=g.device), tc] -= 1.0
                 g.mul_((vc / n_valid)[:, None])
                 grad_h[i:i + chunk] = g.to(h.dtype) @ weight

@@ -1,0 +1,338 @@
+"""
+How fast is pico-train? One script, one table.
+
+    python bench.py            # CPU: about 2-3 minutes, prints a table (README "Performance")
+    python bench.py --gpu      # one CUDA GPU: pico-decoder small and medium, bf16, seq 2048, MFU
+
+Rows (CPU default):
+  model A/B    forward+backward at pico-decoder-tiny shape (T=2048, fp32), ours vs transformers'
+               LlamaForCausalLM (sdpa) holding the same weights, interleaved in one process;
+               the ratio is reported with its spread over the repetitions; peak memory of each
+  train step   the demo and tiny configs: tokens/s and ms per optimizer step (AdamW included)
+  data         the loader's tokens/s (embedded corpus, synthetic 2049-token parquet) vs what a
+               training step consumes
+  checkpoint   save time and size (model + optimizer), tiny and small
+  dynamics     a learning-dynamics capture vs a training step on the same number of rows
+  hub upload   training step time while a checkpoint uploads in the background (local Hub server)
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+import checkpoint
+import data
+import dynamics
+from model import ModelConfig, PicoDecoder, save_pretrained
+
+TINY = dict(d_model=96, activation_hidden_dim=384)
+SMALL = dict(d_model=384, activation_hidden_dim=1536)
+MEDIUM = dict(d_model=768, activation_hidden_dim=3072)
+DEMO = dict(d_model=64, n_layers=4, attention_n_heads=2, attention_n_kv_heads=1, activation_hidden_dim=256,
+            max_seq_len=256)
+GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated, or the peak RSS above the start on CPU
+    (sampled every millisecond by a thread)."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+            self.proc, self.stop = psutil.Process(), False
+            self.base = self.proc.memory_info().rss
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+
+
+def fwd_bwd(model, ids, hf=False):
+    if hf:
+        loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
+    else:
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def model_ab(device, reps, batch, seq_len):
+    """Ours vs transformers' Llama on the same weights and batch, interleaved A/B."""
+    import transformers
+    torch.manual_seed(0)
+    ours = PicoDecoder(ModelConfig(**TINY, max_seq_len=seq_len)).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(ours, tmp)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device)
+    ids = torch.randint(0, 50280, (batch, seq_len + 1), device=device)
+    times, mems = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}
+    for name, m in (("ours", ours), ("transformers", theirs)):  # warm-up
+        fwd_bwd(m, ids if name == "ours" else ids[:, :-1], hf=name != "ours")
+    for r in range(reps):
+        order = [("ours", ours), ("transformers", theirs)]
+        for name, m in (order if r % 2 == 0 else order[::-1]):
+            x = ids if name == "ours" else ids[:, :-1]
+            sync(device)
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                fwd_bwd(m, x, hf=name != "ours")
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+            mems[name].append(mem.peak)
+    ratios = [a / b for a, b in zip(times["ours"], times["transformers"])]
+    return {"ours_ms": 1000 * statistics.median(times["ours"]), "hf_ms": 1000 * statistics.median(times["transformers"]),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ours_mem": max(mems["ours"]), "hf_mem": max(mems["transformers"])}
+
+
+def train_step_rate(cfg, batch, micro, device, steps, precision="fp32"):
+    """tokens/s of full optimizer steps (micro-steps, clip, AdamW) on random tokens."""
+    torch.manual_seed(0)
+    model = PicoDecoder(ModelConfig(**cfg)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    T = model.config.max_seq_len
+    ids = torch.randint(0, 50280, (batch, T + 1), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        for chunk in ids.split(micro):
+            with ctx:
+                _, loss = model(chunk[:, :-1], chunk[:, 1:])
+            (loss / (batch // micro)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    sync(device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        dt = (time.perf_counter() - t0) / steps
+    return {"ms": 1000 * dt, "tok_s": batch * T / dt, "mem": mem.peak, "model": model, "opt": opt,
+            "flops_per_token": model.flops_per_token(T), "rows_per_s": batch / dt}
+
+
+def loader_rate(name, seq_len, batch, seconds=3.0):
+    stream = data.TrainStream(name, seq_len, 50304, batch, batch)
+    t0, tokens = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for x, _ in stream.next_batch():
+            tokens += x.numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def synthetic_parquet(folder, files=4, rows=512):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    for f in range(files):
+        ids = rng.integers(0, 50280, (rows, 2049), dtype=np.int32)
+        pq.write_table(pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}),
+                       os.path.join(folder, f"train-{f:05d}.parquet"), row_group_size=256)
+    return folder
+
+
+def checkpoint_cost(cfg, device):
+    torch.manual_seed(0)
+    model = PicoDecoder(ModelConfig(**cfg)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # materialise the optimizer state, as after a real step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    with tempfile.TemporaryDirectory() as run:
+        t0 = time.perf_counter()
+        tmp = checkpoint.begin(run, 1)
+        save_pretrained(model, tmp)
+        torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
+        final = checkpoint.commit(run, 1, tmp)
+        dt = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(final) for f in fs)
+    return dt, size, model.num_params()
+
+
+def hub_upload_cost(model, opt, cfg, batch, micro, device):
+    """Training-step time while a demo checkpoint uploads in the background, against idle."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from hub_server import HubServer
+    server = HubServer().start()
+    os.environ.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_TOKEN="hf_bench_token")
+    import huggingface_hub.constants as hf  # transformers imported it already: its settings are read
+    hf.ENDPOINT, hf.HF_HUB_OFFLINE, hf.HF_HUB_DISABLE_XET = server.url, False, True
+    import hub
+    T = cfg["max_seq_len"]
+    ids = torch.randint(0, 50280, (batch, T + 1), device=device)
+
+    def step():
+        for chunk in ids.split(micro):
+            _, loss = model(chunk[:, :-1], chunk[:, 1:])
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with tempfile.TemporaryDirectory() as run:
+        tmp = checkpoint.begin(run, 0)
+        save_pretrained(model, tmp)
+        torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
+        open(os.path.join(run, "training_config.yaml"), "w").write("model: {}\n")
+        idle = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            idle.append(time.perf_counter() - t0)
+        up = hub.Uploader(run, "bench/pico", "bench", log_fn=lambda m: None)
+        t_up = time.perf_counter()
+        up.enqueue(run, 0, checkpoint.step_dir(run, 0), tmp, False)
+        checkpoint.commit(run, 0, tmp)
+        busy = []
+        while up.queue() or up.busy:
+            t0 = time.perf_counter()
+            step()
+            busy.append(time.perf_counter() - t0)
+        upload_s = time.perf_counter() - t_up
+        up.finish(60)
+    server.stop()
+    return statistics.median(idle), statistics.median(busy) if busy else float("nan"), upload_s
+
+
+def gpu_bench(steps=10):
+    """pico-decoder small and medium, bf16, seq 2048, one GPU: tokens/s and MFU."""
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in GPU_PEAK.items() if k in name), None)
+    print(f"GPU: {name}, torch {torch.__version__}, peak bf16 {peak / 1e12 if peak else '?'} TFLOP/s")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for label, cfg, micro in (("small", SMALL, 16), ("medium", MEDIUM, 16)):
+        for compiled in (False, True):
+            r = train_step_rate(cfg, batch=micro * 4, micro=micro, device=device, steps=steps, precision="bf16") \
+                if not compiled else compiled_rate(cfg, micro, steps)
+            mfu = r["flops_per_token"] * r["tok_s"] / peak if peak else float("nan")
+            print(f"pico-decoder-{label:6s} compile={compiled!s:5s} sub-batch {micro} x 2048: {r['tok_s']:>10,.0f} tok/s  "
+                  f"{r['ms']:7.1f} ms/step (4 micro-steps)  MFU {mfu:.1%}  peak mem {r['mem'] / 2**30:.1f} GiB")
+
+
+def compiled_rate(cfg, micro, steps):
+    torch.manual_seed(0)
+    model = PicoDecoder(ModelConfig(**cfg)).cuda()
+    cmodel = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, 50280, (micro * 4, 2049), device="cuda")
+
+    def step():
+        for chunk in ids.split(micro):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = cmodel(chunk[:, :-1], chunk[:, 1:])
+            (loss / 4).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with PeakMemory("cuda") as mem:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+    return {"ms": 1000 * dt, "tok_s": micro * 4 * 2048 / dt, "mem": mem.peak, "flops_per_token": model.flops_per_token(2048)}
+
+
+def cpu_bench(reps):
+    device = "cpu"
+    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    print(f"CPU: {cpu} ({os.cpu_count()} cores), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    rows = []
+    t_start = time.time()
+
+    def done(what):
+        print(f"  [{time.time() - t_start:5.0f}s] {what} measured", file=sys.stderr, flush=True)
+
+    short = model_ab(device, reps, batch=8, seq_len=256)
+    ab = model_ab(device, reps, batch=1, seq_len=2048)
+    for label, r in (("tiny, T=2048, fp32, fwd+bwd, batch 1", ab), ("tiny, T=256, fp32, fwd+bwd, batch 8", short)):
+        rows.append(("model A/B", label, f"ours {r['ours_ms']:.0f} ms vs transformers {r['hf_ms']:.0f} ms: ratio "
+                     f"{r['ratio']:.2f} (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}, {reps} reps)"))
+    done("model A/B")
+    rows.append(("peak memory", "same step", f"ours {ab['ours_mem'] / 2**20:.0f} MiB vs transformers {ab['hf_mem'] / 2**20:.0f} MiB"))
+
+    demo = train_step_rate(DEMO, batch=16, micro=8, device=device, steps=3)
+    tiny = train_step_rate(TINY, batch=2, micro=1, device=device, steps=2)
+    for label, r in (("demo", demo), ("tiny (T=2048)", tiny)):
+        rows.append(("train step", label, f"{r['tok_s']:,.0f} tok/s, {r['ms']:.0f} ms/step, peak +{r['mem'] / 2**20:.0f} MiB RSS"))
+
+    done("train steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        embedded = loader_rate(data.DEMO_DIR, 256, 64)
+        synthetic = loader_rate(synthetic_parquet(tmp), 2048, 16)
+    rows.append(("data loader", "embedded corpus (T=256)", f"{embedded:,.0f} tok/s = {embedded / demo['tok_s']:,.0f}x the demo step's need"))
+    rows.append(("data loader", "synthetic 2049-token parquet", f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
+
+    done("data loader")
+    for label, cfg in (("tiny", TINY), ("small", SMALL)):
+        dt, size, n = checkpoint_cost(cfg, device)
+        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state)"))
+
+    done("checkpoints")
+    val = data.load_eval_sequences(data.DEMO_DIR, 256, 50304, "validation")
+    model = demo["model"]
+    t0 = time.perf_counter()
+    dynamics.capture(model, val, ["attention.v_proj", "attention.o_proj", "swiglu.w_2"], batch_size=25)
+    cap = time.perf_counter() - t0
+    step_same_rows = len(val) / demo["rows_per_s"]
+    rows.append(("dynamics", f"demo, {len(val)} val rows", f"{cap:.1f} s = {cap / step_same_rows:.2f}x a training step on {len(val)} rows "
+                 f"({cap / (demo['ms'] / 1000):.1f} demo steps)"))
+
+    done("dynamics")
+    idle, busy, upload_s = hub_upload_cost(model, demo["opt"], DEMO, 16, 8, device)
+    rows.append(("hub upload", "demo checkpoint, local server", f"{upload_s:.1f} s in the background; step {busy * 1000:.0f} ms "
+                 f"during vs {idle * 1000:.0f} ms idle ({busy / idle:.2f}x)"))
+
+    done("hub upload")
+    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"| {'what':{width[0]}} | {'setting':{width[1]}} | result |")
+    print(f"|{'-' * (width[0] + 2)}|{'-' * (width[1] + 2)}|---|")
+    for a, b, c in rows:
+        print(f"| {a:{width[0]}} | {b:{width[1]}} | {c} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="measure pico-decoder small and medium on one CUDA GPU")
+    parser.add_argument("--reps", type=int, default=5, help="A/B repetitions of the model comparison")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    gpu_bench() if args.gpu else cpu_bench(args.reps)
