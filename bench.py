@@ -307,15 +307,20 @@ def cpu_bench(reps):
         rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state)"))
 
     done("checkpoints")
+    suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
     val = data.load_eval_sequences(data.DEMO_DIR, 256, 50304, "validation")
+    tiny_rows = np.random.default_rng(0).integers(0, 50280, (4, 2049))
+    for label, r, seqs, bs in (("demo", demo, val, 25), ("tiny (T=2048)", tiny, tiny_rows, 2)):
+        t0 = time.perf_counter()
+        result = dynamics.capture(r["model"], seqs, suffixes, batch_size=bs)
+        cap = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            dynamics.save(result, tmp, "val")
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        step_time = len(seqs) / r["rows_per_s"]  # a training step on as many rows
+        rows.append(("dynamics", f"{label}, {len(seqs)} rows", f"{cap:.1f} s = {cap / step_time:.2f}x a training "
+                     f"step on the same rows; files {size / 2**20:.1f} MiB per split"))
     model = demo["model"]
-    t0 = time.perf_counter()
-    dynamics.capture(model, val, ["attention.v_proj", "attention.o_proj", "swiglu.w_2"], batch_size=25)
-    cap = time.perf_counter() - t0
-    step_same_rows = len(val) / demo["rows_per_s"]
-    rows.append(("dynamics", f"demo, {len(val)} val rows", f"{cap:.1f} s = {cap / step_same_rows:.2f}x a training step on {len(val)} rows "
-                 f"({cap / (demo['ms'] / 1000):.1f} demo steps)"))
-
     done("dynamics")
     idle, busy, upload_s = hub_upload_cost(model, demo["opt"], DEMO, 16, 8, device)
     rows.append(("hub upload", "demo checkpoint, local server", f"{upload_s:.1f} s in the background; step {busy * 1000:.0f} ms "

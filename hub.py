@@ -203,14 +203,16 @@ class Uploader:
     give_up_at = None
 
     def _setup(self):
-        from huggingface_hub import CommitOperationAdd  # noqa: F401  (import errors surface here)
         self._call(lambda: self.api.create_repo(self.repo_id, exist_ok=True), f"creating {self.repo_id}")
         self._call(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True),
                    f"creating branch {self.branch}")
-        if self.collection_slug:
-            self._call(lambda: self.api.add_collection_item(self.collection_slug, item_id=self.repo_id,
-                                                            item_type="model", exists_ok=True),
-                       f"adding {self.repo_id} to collection {self.collection_slug}")
+        if self.collection_slug:  # a nicety: failing here must not stop the uploads
+            try:
+                self._call(lambda: self.api.add_collection_item(self.collection_slug, item_id=self.repo_id,
+                                                                item_type="model", exists_ok=True),
+                           f"adding {self.repo_id} to collection {self.collection_slug}")
+            except PermanentError as e:
+                self.log(f"hub: not added to the collection: {e}")
         self.remote_titles = {c.title for c in self._call(
             lambda: self.api.list_repo_commits(self.repo_id, revision=self.branch), "listing commits")}
         self.ready = True

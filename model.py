@@ -16,7 +16,6 @@ We add no custom init on purpose, so runs are comparable with the pico-decoder s
 """
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 

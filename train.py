@@ -6,16 +6,15 @@ Override any setting below:                   python train.py config/demo.py --l
 The file reads in the order a run happens: settings, set-up, model, data, the loop, the end.
 """
 
-import ast
-import builtins
 import contextlib
-import difflib
 import json
 import math
 import os
 import sys
 import time
 from datetime import datetime
+
+import configurator
 
 # -----------------------------------------------------------------------------
 # settings (pico-train's names and defaults; a config file or --key=value overrides them)
@@ -81,68 +80,6 @@ backend = "auto"  # auto: DeepSpeed ZeRO-2 on >1 CUDA device, else DDP; or "ddp"
 compile = False  # torch.compile the model
 seed = 42
 # -----------------------------------------------------------------------------
-CONFIG_TYPES = (bool, int, float, str, list, type(None))
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
-
-
-def check_type(key, value, default):
-    ok = (isinstance(value, bool) if isinstance(default, bool) else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
-          isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
-          isinstance(value, list) and all(isinstance(v, str) for v in value) if isinstance(default, list) else
-          isinstance(value, str) or value is None if isinstance(default, str) else
-          isinstance(value, CONFIG_TYPES))
-    if not ok:
-        raise SystemExit(f"config error: {key} must be {type(default).__name__} (like its default "
-                         f"{default!r}), got {value!r}")
-    return float(value) if isinstance(default, float) else value
-
-
-def unknown(key):
-    close = difflib.get_close_matches(key, config_keys, n=3, cutoff=0.5)
-    return SystemExit(f"config error: unknown setting {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                                 "; see the settings at the top of train.py"))
-
-
-def configure(argv):
-    """Run the config file (plain assignments), then apply --key=value overrides, type-checked."""
-    g = globals()
-    for arg in argv:
-        if not arg.startswith("--"):
-            namespace = {}
-            with open(arg) as f:
-                exec(builtins.compile(f.read(), arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
-                    continue  # imports, helpers
-                if key not in config_keys:
-                    raise unknown(key)
-                g[key] = check_type(key, value, g[key])
-        else:
-            key, _, text = arg[2:].partition("=")
-            if key not in config_keys:
-                raise unknown(key)
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string: --run_name=demo
-            if isinstance(g[key], list) and isinstance(value, str):
-                value = [v for v in value.split(",") if v]  # --layer_suffixes=a,b
-            if isinstance(g[key], str) and isinstance(value, (int, float)):
-                value = text
-            g[key] = check_type(key, value, g[key])
-
-
-YAML_SECTIONS = {  # pico-train's nested training_config.yaml layout (pico-analyze reads model.* and checkpointing.run_name)
-    "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim norm_eps position_emb_theta",
-    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume stop_at_step save_to_hf hf_repo_id hf_collection_slug hf_wait_at_end_s layer_suffixes sequence_idx learning_dynamics_batch_size learning_dynamics_eval_data",
-    "data": "dataset_name dataset_split tokenizer_path batch_size",
-    "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay adam_beta1 adam_beta2 adam_eps grad_clip device precision backend compile seed",
-    "evaluation": "eval_dataset_name eval_dataset_split eval_every_n_steps eval_batch_size eval_max_rows sample_prompt",
-    "monitoring": "log_every_n_steps save_to_wandb wandb_project wandb_entity",
-}
-
-
 def get_lr(step):
     """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
     Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
@@ -157,23 +94,11 @@ def get_lr(step):
     raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
 
 
-def load_dotenv(path):
-    """Honour the guide's .env (`export WANDB_API_KEY=...`) without printing any value."""
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip().removeprefix("export ").strip()
-                if line and not line.startswith("#") and "=" in line:
-                    key, value = line.split("=", 1)
-                    os.environ.setdefault(key.strip(), value.strip().strip("'\""))
-
-
 if __name__ != "__main__":
     raise ImportError("train.py is a script: python train.py config/<file>.py")
-configure(sys.argv[1:])
-load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+config_keys = configurator.configure(sys.argv[1:], globals())
+configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
 
-import numpy as np  # noqa: E402  (after configure: `--help`-style errors come before slow imports)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
@@ -264,8 +189,7 @@ def log_metrics(row):
 
 
 if master:
-    nested = {section: {k: config[k] for k in keys.split()} for section, keys in YAML_SECTIONS.items()}
-    nested["model"]["model_type"] = "pico_decoder"
+    nested = configurator.nested(config)
     nested["training"]["world_size"] = world_size
     with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
         yaml.safe_dump(nested, f, sort_keys=False)
@@ -328,7 +252,7 @@ if layer_suffixes:
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
-MUST_MATCH = set(YAML_SECTIONS["model"].split()) | {"dataset_name", "dataset_split", "backend"}
+MUST_MATCH = set(configurator.YAML_SECTIONS["model"].split()) | {"dataset_name", "dataset_split", "backend"}
 if use_deepspeed:
     MUST_MATCH.add("world_size")  # ZeRO-2 optimizer shards are per rank
 run_state = {**config, "backend": backend, "world_size": world_size}

@@ -2,8 +2,9 @@
 # with the OLMo tokenizer) on a CPU, with no network.
 #   python train.py config/demo.py
 #   torchrun --standalone --nproc_per_node=2 train.py config/demo.py      (or 4)
-# Expect the validation loss to fall from about 11.2 at step 0 to about 6 in a few minutes
-# on a 2-core CPU; the run ends with a sample continuation of "And God said".
+# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 3.5
+# minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 50 and 100); the run
+# ends with a sample continuation of "And God said".
 run_name = "demo"
 dataset_name = "data/demo"
 dataset_split = "train"
@@ -20,7 +21,7 @@ attention_n_heads = 2
 attention_n_kv_heads = 1
 activation_hidden_dim = 256
 
-batch_size = 16  # x 256 tokens = 4,096 tokens per step; 4 = 2 micro-steps x 2 ranks x 4, or 1 x 4 x 4
+batch_size = 16  # sequences of 256 tokens per step = 2 micro-steps x processes x sub-batch (8, 4 or 2 for 1, 2, 4)
 gradient_accumulation_steps = 2
 max_steps = 100
 lr = 3e-3

@@ -1,25 +1,10 @@
 # pico-decoder-medium (181,095,168 parameters), one of the published pico-decoder sizes.
-# launch (one node, 4 GPUs; DeepSpeed ZeRO-2 by default):
 #   torchrun --nproc_per_node=4 train.py config/pico_decoder_medium.py --run_name=my-medium
-# streams pico-lm/pretokenized-dolma from the Hub: 1024 sequences x 2048 tokens per optimizer
-# step, bf16, 200,000 steps (one pass over dolma), linear warmup then linear decay.
+# Everything not set here is train.py's default, which is pico-train's: 12 layers, 12 heads,
+# 4 KV heads, vocab 50304, seq 2048; pico-lm/pretokenized-dolma streamed from the Hub, 1024
+# sequences x 2048 tokens per step, 200,000 steps (one pass), lr 3e-4 with 2,500 warmup steps then
+# linear decay; bf16 and DeepSpeed ZeRO-2 on GPUs. Per-GPU sub-batch = 1024 / (128 x GPUs): raise
+# gradient_accumulation_steps if it does not fit, lower it if memory is to spare.
 run_name = "pico-decoder-medium"
-
 d_model = 768
 activation_hidden_dim = 3072
-n_layers = 12
-attention_n_heads = 12
-attention_n_kv_heads = 4
-vocab_size = 50304
-max_seq_len = 2048
-
-dataset_name = "pico-lm/pretokenized-dolma"
-eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"
-batch_size = 1024
-gradient_accumulation_steps = 128  # per-GPU sub-batch = 1024 / (128 x n_gpus); raise it if memory is short
-max_steps = 200_000
-lr = 3e-4
-lr_scheduler = "linear_with_warmup"
-lr_warmup_steps = 2500
-precision = "bf16"
-save_every_n_steps = 1000

@@ -93,7 +93,9 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith("/api/collections/") and self.command == "POST":
                 slug = "/".join(parts[2:-1])
                 self.state.collections.setdefault(slug, []).append(json.loads(self.body())["item"]["id"])
-                return self.reply(200, {"slug": slug, "items": []})
+                return self.reply(200, {"slug": slug, "title": slug, "owner": {"name": "tester"}, "items": [],
+                                        "lastUpdated": datetime.now(timezone.utc).isoformat(), "position": 0,
+                                        "private": False, "theme": "default", "upvotes": 0})
             if parts[0] == "api" and parts[1] == "models" and len(parts) >= 5:
                 repo_id, action, rest = f"{parts[2]}/{parts[3]}", parts[4], parts[5:]
                 repo = self.repo(repo_id)

@@ -81,7 +81,7 @@ def test_every_checkpoint_loads_in_transformers_with_the_same_loss(tmp_path):
         with torch.no_grad():
             _, per_token = ours(seqs[:, :-1], seqs[:, 1:], reduction="none")
         assert abs(per_token[:, :-1].mean().item() - theirs.item()) <= 1e-5
-        assert abs(per_token.mean().item() - mine.item()) <= 1e-6
+        assert abs(per_token.mean().item() - mine.item()) <= 1e-5  # two summation orders of one loss
 
 
 def test_incompatible_config_is_refused_and_harmless_change_reported(tmp_path):

@@ -53,8 +53,9 @@ def run_hub_cli(hub, *args):
 
 
 def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, hub):
-    proc = run_train(tmp_path, *hub_args("pushed"), env=hub.env)
+    proc = run_train(tmp_path, *hub_args("pushed"), "--hf_collection_slug=tester/pico-runs-0123", env=hub.env)
     assert "hub: everything is on" in proc.stdout
+    assert hub.state.collections == {"tester/pico-runs-0123": [REPO]}
     assert "hf_dummy_test_token" not in proc.stdout + proc.stderr
     titles = [t for t, _ in hub.titles(REPO, "pushed")][1:]  # after the repo's initial commit
     assert titles == expected_titles([0, 2, 4], final=4)

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from helpers import ROOT, max_diff, metrics, run_train, weights
@@ -39,6 +38,14 @@ def test_ddp_two_processes_match_one(tmp_path):
                 assert abs(a[key] - b[key]) <= 1e-5, (a, b)
 
 
+def test_four_processes_with_the_demo_batch_arithmetic(tmp_path):
+    # the launch users name: torchrun --nproc_per_node=4 train.py config/demo.py (sub-batch 8 / (2 x 4) = 1)
+    run_train(tmp_path, "--run_name=single", "--max_steps=2")
+    proc = run_train(tmp_path, "--run_name=four", "--max_steps=2", nproc=4)
+    assert "2 micro-steps x 4 ranks x sub-batch 1" in proc.stdout
+    assert max_diff(weights(tmp_path, "single", 2), weights(tmp_path, "four", 2)) <= 1e-5
+
+
 def test_same_seed_twice_is_bit_identical(tmp_path):
     run_train(tmp_path, "--run_name=a", "--max_steps=3", "--save_every_n_steps=3")
     run_train(tmp_path, "--run_name=b", "--max_steps=3", "--save_every_n_steps=3")
@@ -51,6 +58,9 @@ def test_run_folder_layout_and_config_yaml(tmp_path):
     cfg = yaml.safe_load(open(run / "training_config.yaml"))
     assert cfg["model"]["d_model"] == 32 and cfg["model"]["attention_n_kv_heads"] == 1
     assert cfg["checkpointing"]["run_name"] == "layout" and cfg["data"]["batch_size"] == 8
+    import configurator
+    in_yaml = {k for section in cfg.values() for k in section} - {"model_type", "world_size"}
+    assert in_yaml == set(configurator.setting_names(load_train_settings()))  # every setting, once
     assert sorted(os.listdir(run / "eval_results")) == ["step_0.json", "step_2.json"]
     ev = json.load(open(run / "eval_results" / "step_2.json"))
     assert ev["paloma"] > 1 and ev["loss"] > 0 and ev["rows"] == 32  # 1 row of 2049 = 32 windows of 64
