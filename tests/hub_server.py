@@ -96,8 +96,13 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, {"slug": slug, "title": slug, "owner": {"name": "tester"}, "items": [],
                                         "lastUpdated": datetime.now(timezone.utc).isoformat(), "position": 0,
                                         "private": False, "theme": "default", "upvotes": 0})
-            if parts[0] == "api" and parts[1] == "models" and len(parts) >= 5:
-                repo_id, action, rest = f"{parts[2]}/{parts[3]}", parts[4], parts[5:]
+            if parts[0] == "api" and parts[1] in ("models", "datasets") and len(parts) == 4:
+                repo_id = ("" if parts[1] == "models" else "datasets/") + f"{parts[2]}/{parts[3]}"
+                repo = self.repo(repo_id)
+                return self.repo_info(repo_id, repo, "main") if repo is not None else None
+            if parts[0] == "api" and parts[1] in ("models", "datasets") and len(parts) >= 5:
+                prefix = "" if parts[1] == "models" else "datasets/"
+                repo_id, action, rest = f"{prefix}{parts[2]}/{parts[3]}", parts[4], parts[5:]
                 repo = self.repo(repo_id)
                 if repo is None:
                     return
@@ -113,10 +118,16 @@ class Handler(BaseHTTPRequestHandler):
                     return self.tree(repo, rest[0], "/".join(rest[1:]), query)
                 if action == "revision":
                     return self.repo_info(repo_id, repo, "/".join(rest))
-            if len(parts) >= 4 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"][:len(parts) - 2]:
+            if path.endswith(".git/info/lfs/objects/batch"):
                 return self.lfs_batch(json.loads(self.body()))
             if parts[0] == "lfs-upload" and self.command == "PUT":
                 return self.lfs_put(parts[1])
+            if parts[0] == "datasets" and len(parts) >= 6 and parts[3] == "resolve":
+                parts = [f"datasets/{parts[1]}"] + parts[2:]
+                repo = self.repo(f"{parts[0]}/{parts[1]}")
+                if repo is not None:
+                    return self.resolve(f"{parts[0]}/{parts[1]}", repo, parts[3], "/".join(parts[4:]))
+                return
             if len(parts) >= 5 and parts[2] == "resolve":
                 repo = self.repo(f"{parts[0]}/{parts[1]}")
                 if repo is not None:
@@ -131,6 +142,8 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         if "/" not in repo_id:
             repo_id = f"tester/{repo_id}"
+        if payload.get("type") == "dataset":
+            repo_id = f"datasets/{repo_id}"
         url = f"{self.base}/{repo_id}"
         if repo_id in self.state.repos:
             return self.reply(409, {"error": "You already created this model repo", "url": url})
@@ -215,13 +228,22 @@ class Handler(BaseHTTPRequestHandler):
         cid = self.state.resolve(repo, rev)
         if cid is None:
             return self.error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-        entries = []
+        entries, dirs = [], set()
+        recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        base = prefix.rstrip("/") + "/" if prefix else ""
         for path, oid in sorted(repo["commits"][cid]["files"].items()):
-            if prefix and not path.startswith(prefix.rstrip("/") + "/"):
+            if not path.startswith(base):
                 continue
-            size = len(self.state.blobs[oid])
-            entries.append({"type": "file", "path": path, "size": size, "oid": oid,
-                            "lfs": {"oid": oid, "size": size, "pointerSize": 130}})
+            rest = path[len(base):].split("/")
+            for i in range(1, len(rest)):  # the folders on the way
+                folder = base + "/".join(rest[:i])
+                if (recursive or i == 1) and folder not in dirs:
+                    dirs.add(folder)
+                    entries.append({"type": "directory", "path": folder, "oid": "0" * 40, "size": 0})
+            if recursive or len(rest) == 1:
+                size = len(self.state.blobs[oid])
+                entries.append({"type": "file", "path": path, "size": size, "oid": oid,
+                                "lfs": {"oid": oid, "size": size, "pointerSize": 130}})
         self.reply(200, entries)
 
     def repo_info(self, repo_id, repo, rev):
