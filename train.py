@@ -125,6 +125,8 @@ if backend not in ("ddp", "deepspeed"):
 if precision == "auto":
     precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 use_deepspeed = backend == "deepspeed"
+if use_deepspeed and compile:
+    raise SystemExit("config error: compile=True works with backend 'ddp' (or one process), not with 'deepspeed'")
 if use_deepspeed:
     # ZeRO stage 2 shards the optimizer state and the gradients across ranks while every rank keeps
     # the full weights. Stage 3 (sharded weights) is not supported: learning dynamics need every
@@ -290,6 +292,8 @@ if resume_from:
 
 # -----------------------------------------------------------------------------
 # wrap for data parallelism
+if compile:
+    model = torch.compile(model)  # before the DDP wrap, as DDP expects; raw_model stays uncompiled
 if use_deepspeed:
     ds_config = {
         "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": sub_batch,
@@ -304,8 +308,6 @@ elif is_dist:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if resumed_state is not None:
     checkpoint.set_rng_state(resumed_state["rng"][rank % len(resumed_state["rng"])])
-if compile:
-    model = torch.compile(model)
 # bf16 autocast under DDP (fp32 weights, bf16 matmuls); DeepSpeed casts the weights to bf16 itself
 autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" and not use_deepspeed
             else contextlib.nullcontext())
