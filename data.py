@@ -14,6 +14,11 @@ its slice, so the whole run sees the same data on 1 or 64 GPUs, and the position
 just (epoch, shard, sequence within shard): resuming opens that shard and seeks to the row group
 that holds the sequence, reading nothing before it.
 
+Hub datasets are streamed through huggingface_hub's filesystem (HTTP range reads of parquet row
+groups; nothing is downloaded whole), not through `datasets`' IterableDataset: with datasets 5.2 its
+state_dict() did not move when iterating in batches, and its resume reads the current shard from
+the start. `datasets` is used for `save_to_disk` folders.
+
 Run as a script it builds the embedded demo corpus or tokenizes your own text:
     python data.py build-demo            # rebuild data/demo/*.parquet from data/demo/kjv.txt.xz
     python data.py tokenize a.txt b.txt --out data/mine   # one document per file
