@@ -62,6 +62,12 @@ def _scrub(text):
     return text.replace(token, "***") if token else text
 
 
+def _line(e):
+    """The first line of an error's message, token removed."""
+    text = _scrub(str(e))
+    return text.splitlines()[0][:300] if text else ""
+
+
 def _chain(e):
     """e and the exceptions it was raised from (the client wraps network errors in RuntimeError)."""
     while e is not None:
@@ -136,7 +142,7 @@ class Uploader:
         self.path = os.path.join(run_dir, QUEUE_FILE)
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.failed = None  # a PermanentError message: uploads stop, training goes on
-        self.ready = False  # repo and branch exist
+        self.give_up_at = None  # set by finish(): after it, transient failures are no longer retried
         self.remote_titles = None
         self.stopping = False
         self.busy = False
@@ -182,25 +188,21 @@ class Uploader:
             except Exception as e:  # noqa: BLE001 - classified below
                 status = _status(e)
                 if status in (401, 403) or type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
-                    raise PermanentError(f"{what}: the Hub refused ({status}): {_scrub(str(e)).splitlines()[0]}. "
+                    raise PermanentError(f"{what}: the Hub refused ({status}): {_line(e)}. "
                                          f"Check HF_TOKEN (or `huggingface-cli login`) and write access to "
                                          f"{self.repo_id}.") from None
                 if not _transient(e):
-                    detail = "; ".join(f"{type(x).__name__}: {_scrub(str(x)).splitlines()[0] if str(x) else ''}"
-                                       for x in _chain(e))
+                    detail = "; ".join(f"{type(x).__name__}: {_line(x)}" for x in _chain(e))
                     raise PermanentError(f"{what}: {detail}") from None
                 if not reported:
-                    cause = next((x for x in reversed(list(_chain(e)))), e)
-                    self.log(f"hub: {what} failed ({type(cause).__name__}: {_scrub(str(cause)).splitlines()[0][:200] if str(cause) else ''}); "
-                             f"retrying in the background")
+                    cause = list(_chain(e))[-1]  # the root cause: a refused connection, a timeout, ...
+                    self.log(f"hub: {what} failed ({type(cause).__name__}: {_line(cause)}); retrying in the background")
                     reported = True
                 if self.stopping and self.give_up_at and time.time() > self.give_up_at:
                     raise
                 self.wake.wait(delay)
                 self.wake.clear()
                 delay = min(delay * 2, self.max_delay)
-
-    give_up_at = None
 
     def _setup(self):
         self._call(lambda: self.api.create_repo(self.repo_id, exist_ok=True), f"creating {self.repo_id}")
@@ -215,7 +217,6 @@ class Uploader:
                 self.log(f"hub: not added to the collection: {e}")
         self.remote_titles = {c.title for c in self._call(
             lambda: self.api.list_repo_commits(self.repo_id, revision=self.branch), "listing commits")}
-        self.ready = True
 
     def _push(self, commit):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete

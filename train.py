@@ -238,6 +238,9 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps)
 flops_per_token = raw_model.flops_per_token(max_seq_len)
+# MFU is reported only where the GPU's dense bf16 peak is known, never guessed
+peak_flops = next((peak for name, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+                   if device_type == "cuda" and precision == "bf16" and name in torch.cuda.get_device_name()), None)
 log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 
 # -----------------------------------------------------------------------------
@@ -393,6 +396,7 @@ steps_since_log = 0
 while True:
     last_step = step == max_steps
     stopping = step == stop_at_step
+    t_pause = time.time()
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
         if last_step or (eval_every and step % eval_every == 0):
             results = evaluate()
@@ -407,6 +411,7 @@ while True:
             save_checkpoint(step)
     if last_step or stopping:
         break
+    t_last += time.time() - t_pause  # tokens/s counts training time, not evaluation and checkpoints
 
     # one optimizer step = gradient_accumulation_steps micro-steps on this rank's sub-batches
     step_lr = get_lr(step)
@@ -446,11 +451,10 @@ while True:
         now = time.time()
         tok_s = steps_since_log * tokens_per_step / (now - t_last)
         row = {"step": step, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-        peak = next((p for name, p in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-                     if device_type == "cuda" and precision == "bf16" and name in torch.cuda.get_device_name()), None)
-        mfu = f", MFU {flops_per_token * tok_s / (peak * world_size):.1%}" if peak else ""
-        if peak:
-            row["mfu"] = flops_per_token * tok_s / (peak * world_size)
+        mfu = ""
+        if peak_flops:
+            row["mfu"] = flops_per_token * tok_s / (peak_flops * world_size)
+            mfu = f", MFU {row['mfu']:.1%}"
         eta = (now - t_start) / (step - start_step) * (max_steps - step)
         log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {float(grad_norm):.3f} | "
             f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
