@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -212,11 +213,12 @@ def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
     col = table.column("input_ids").combine_chunks()
     if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
         raise DataError(f"{shard_name}: input_ids has type {col.type}, expected a list of token ids")
-    lengths = pc_list_lengths(col)
+    lengths = list_lengths(col)
     if col.null_count:
         bad = int(np.flatnonzero(np.asarray(col.is_null()))[0])
         raise DataError(f"{shard_name} row {first_row + bad}: input_ids is missing (null)")
-    row_len = row_len or int(lengths[0]) if len(lengths) else row_len
+    if row_len is None and len(lengths):
+        row_len = int(lengths[0])  # the first row sets the length the others must have
     if len(lengths) and (lengths != row_len).any():
         bad = int(np.flatnonzero(lengths != row_len)[0])
         raise DataError(f"{shard_name} row {first_row + bad}: {lengths[bad]} tokens, expected {row_len}")
@@ -228,8 +230,7 @@ def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
     return ids
 
 
-def pc_list_lengths(col):
-    import pyarrow.compute as pc
+def list_lengths(col):
     return pc.list_value_length(col).to_numpy(zero_copy_only=False)
 
 
@@ -277,7 +278,7 @@ class TrainStream:
     def _seqs_per_row(self, shard):
         if self._windows is None:  # all shards of a dataset share one row length
             first = shard.read(0, 1)
-            row_len = int(pc_list_lengths(first.column("input_ids").combine_chunks())[0])
+            row_len = int(list_lengths(first.column("input_ids").combine_chunks())[0])
             self._windows = windows_per_row(row_len, self.seq_len, shard.name)
             self._row_len = row_len
         return self._windows
@@ -408,35 +409,37 @@ def build_demo_corpus(out_dir=DEMO_DIR, source=os.path.join(DEMO_DIR, "kjv.txt.x
         chapters = kjv_chapters(f.read())
     tok = load_tokenizer()
     encoded = [e.ids for e in tok.encode_batch(chapters, add_special_tokens=False)]
-    train = pack_documents([e for i, e in enumerate(encoded) if i % 20 != 19])
-    val = pack_documents([e for i, e in enumerate(encoded) if i % 20 == 19])
+    n_train, n_val = write_corpus(encoded, out_dir, tok, val_every=20, source="kjv")
+    return {"chapters": len(chapters), "train_rows": n_train, "validation_rows": n_val}
+
+
+def write_corpus(docs, out_dir, tok, val_every=0, row_len=ROW_LEN, source=None):
+    """Pack token lists into train.parquet and, with every val_every-th document held out,
+    validation.parquet (plus the decoded `text` of each row, and `source` if given).
+    Returns (train rows, validation rows)."""
+    held = [val_every > 0 and i % val_every == val_every - 1 for i in range(len(docs))]
+    train = pack_documents([d for d, h in zip(docs, held) if not h], row_len)
+    val = pack_documents([d for d, h in zip(docs, held) if h], row_len)
+    if len(train) == 0:
+        raise DataError(f"{len(docs)} documents hold fewer than {row_len} tokens: nothing to train on")
     os.makedirs(out_dir, exist_ok=True)
     write_rows(os.path.join(out_dir, "train.parquet"), train)
-    write_rows(os.path.join(out_dir, "validation.parquet"), val,
-               {"text": tok.decode_batch([r.tolist() for r in val], skip_special_tokens=False),
-                "source": ["kjv"] * len(val)})
-    return {"chapters": len(chapters), "train_rows": len(train), "validation_rows": len(val)}
+    if len(val):
+        extra = {"text": tok.decode_batch([r.tolist() for r in val], skip_special_tokens=False)}
+        if source:
+            extra["source"] = [source] * len(val)
+        write_rows(os.path.join(out_dir, "validation.parquet"), val, extra)
+    return len(train), len(val)
 
 
 def tokenize_files(paths, out_dir, row_len=ROW_LEN, val_every=0):
-    """Bring your own corpus: each text file is one document. Writes train.parquet (and
-    validation.parquet with every val_every-th document when val_every > 0) in dolma's format."""
+    """Bring your own corpus: each text file is one document, tokenized and packed as dolma was."""
     tok = load_tokenizer()
     docs = []
     for p in paths:
         with open(p, encoding="utf-8") as f:
             docs.append(tok.encode(f.read(), add_special_tokens=False).ids)
-    os.makedirs(out_dir, exist_ok=True)
-    held = [d for i, d in enumerate(docs) if val_every and i % val_every == val_every - 1]
-    train = pack_documents([d for i, d in enumerate(docs) if not (val_every and i % val_every == val_every - 1)], row_len)
-    if len(train) == 0:
-        raise DataError(f"{len(docs)} documents hold fewer than {row_len} tokens: nothing to train on")
-    write_rows(os.path.join(out_dir, "train.parquet"), train)
-    if held:
-        val = pack_documents(held, row_len)
-        write_rows(os.path.join(out_dir, "validation.parquet"), val,
-                   {"text": tok.decode_batch([r.tolist() for r in val], skip_special_tokens=False)})
-    return len(train)
+    return write_corpus(docs, out_dir, tok, val_every, row_len)[0]
 
 
 def file_sha256(path):

@@ -91,41 +91,34 @@ def _transient(e):
 
 def plan_commits(run_dir, step, step_dir, has_eval):
     """The commits for one checkpoint: [{"title", "files": {repo path: local path}, "delete": [patterns]}]."""
-    def files(names, prefix=""):
-        return {prefix + n: os.path.join(step_dir, n) for n in names if os.path.exists(os.path.join(step_dir, n))}
+    def files(names):
+        return {n: os.path.join(step_dir, n) for n in names if os.path.exists(os.path.join(step_dir, n))}
 
     commits = [{"title": f"Saving HF Model -- Step {step}", "files": files(MODEL_FILES), "delete": []}]
-    if step == 0 and files(TOKENIZER_FILES):
-        commits.append({"title": "Saving Tokenizer -- Step 0", "files": files(TOKENIZER_FILES), "delete": []})
+    if step == 0:
+        if files(TOKENIZER_FILES):
+            commits.append({"title": "Saving Tokenizer -- Step 0", "files": files(TOKENIZER_FILES), "delete": []})
         commits.append({"title": "Saving Training Config -- Step 0", "delete": [],
                         "files": {"training_config.yaml": os.path.join(run_dir, "training_config.yaml")}})
-    state = {}
+    state, dynamics_files = {}, {}  # dynamics_files: split -> {repo path: local path}
     for root, _, names in os.walk(step_dir):
-        rel_root = os.path.relpath(root, step_dir)
-        if rel_root.split(os.sep)[0] == "learning_dynamics":
-            continue
         for n in names:
-            rel = os.path.normpath(os.path.join(rel_root, n))
-            if rel not in MODEL_FILES + TOKENIZER_FILES:
-                state["training_state/" + rel.replace(os.sep, "/")] = os.path.join(root, n)
+            rel = os.path.relpath(os.path.join(root, n), step_dir).replace(os.sep, "/")
+            if rel.startswith("learning_dynamics/"):
+                split = rel[len("learning_dynamics/"):].split("_", 1)[0]
+                dynamics_files.setdefault(split, {})[rel] = os.path.join(root, n)
+            elif rel not in MODEL_FILES + TOKENIZER_FILES:
+                state["training_state/" + rel] = os.path.join(root, n)
     commits.append({"title": f"Saving Fabric Checkpoint -- Step {step}", "files": state, "delete": ["training_state/*"]})
     if has_eval:
         commits.append({"title": f"Saving Evaluation Results -- Step {step}", "delete": [], "files": {
             f"eval_results/step_{step}.json": os.path.join(run_dir, "eval_results", f"step_{step}.json")}})
-    dyn = os.path.join(step_dir, "learning_dynamics")
     for split in ("train", "val"):
-        split_files = {}
-        for root, _, names in os.walk(dyn):
-            for n in names:
-                rel = os.path.relpath(os.path.join(root, n), dyn).replace(os.sep, "/")
-                if rel.startswith(f"{split}_"):
-                    split_files["learning_dynamics/" + rel] = os.path.join(root, n)
-        if split_files:
-            commits.append({"title": f"Saving Learning Dynamics Data ({split}) -- Step {step}", "files": split_files,
-                            # stale train_* files go when a step (the last) has no train split
-                            "delete": [f"learning_dynamics/{split}_*"] + (
-                                ["learning_dynamics/train_*"] if split == "val" and not any(
-                                    c["title"].startswith("Saving Learning Dynamics Data (train)") for c in commits) else [])})
+        if split in dynamics_files:
+            # replace this split's files; a split this step lacks (train, at the last step) goes too
+            stale = [f"learning_dynamics/{s}_*" for s in ("train", "val") if s == split or s not in dynamics_files]
+            commits.append({"title": f"Saving Learning Dynamics Data ({split}) -- Step {step}",
+                            "files": dynamics_files[split], "delete": stale})
     return commits
 
 

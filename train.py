@@ -362,7 +362,7 @@ def save_checkpoint(step):
         if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
             rows = train_data.peek_global_batch()
             captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
-        log(f"step {step}: learning dynamics of {len(dynamics.find_layers(raw_model, layer_suffixes))} layers on "
+        log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
             + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s")
     if master:
         for split, (rows, result) in captured.items():
