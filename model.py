@@ -191,33 +191,49 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The output head of a small model is its biggest tensor: 2048 tokens x 50,304 vocabulary entries
     is 412 MB of fp32 logits per sequence, plus as much again for their gradient. Here each chunk's
-    logits are made, turned into the loss and into the gradients for h and weight (d loss / d logits
-    = softmax - onehot), and dropped, so memory stays small. backward() only scales the stored
-    gradients. Targets equal to -100 are ignored, as in F.cross_entropy."""
+    logits are made in one reused buffer, turned into the loss and, in place, into d loss / d logits
+    (= softmax - onehot), which gives the gradients for h and weight at once; backward() only scales
+    them. Memory stays small, and on CPU the reused buffer also spares the page faults a fresh
+    50 MB tensor per chunk would cost. Targets equal to -100 are ignored, as in F.cross_entropy."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
-        # h (N, d), weight (V, d), targets (N,)
+        # h (N, d), weight (V, d), targets (N,). Under autocast the matmuls run in its dtype
+        # (bf16), chosen here explicitly; the softmax and the loss are always fp32.
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         valid = targets != -100
-        n_valid = valid.sum().clamp(min=1)
-        safe_targets = targets.masked_fill(~valid, 0)
+        weights = valid / valid.sum().clamp(min=1)  # each token's share of the mean
+        targets = targets.masked_fill(~valid, 0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for i in range(0, h.size(0), chunk):
-            hc, tc, vc = h[i:i + chunk], safe_targets[i:i + chunk], valid[i:i + chunk]
-            logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)  # (chunk, V)
-            loss -= (logp.gather(1, tc[:, None]).squeeze(1) * vc).sum()
-            if need_grad:
-                g = logp.exp_()  # softmax, in place
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g.mul_((vc / n_valid)[:, None])
-                grad_h[i:i + chunk] = g.to(h.dtype) @ weight
-                grad_w += g.t().to(h.dtype) @ hc
+        with torch.autocast(device, enabled=False):
+            h_, w = h.to(dtype), weight.to(dtype)
+            buffer = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device, dtype=dtype)
+            rows = torch.arange(buffer.size(0), device=h.device)
+            for i in range(0, h.size(0), chunk):
+                hc, tc, wc = h_[i:i + chunk], targets[i:i + chunk], weights[i:i + chunk]
+                n = hc.size(0)
+                z = torch.mm(hc, w.t(), out=buffer[:n]).float()  # logits (n, V)
+                z_max = z.amax(1, keepdim=True)
+                z_target = z.gather(1, tc[:, None])
+                p = z.sub_(z_max).exp_()  # exp(logits - max), in place
+                p_sum = p.sum(1, keepdim=True)
+                loss += ((z_max + p_sum.log() - z_target).squeeze(1) * wc).sum()  # logsumexp - target
+                if need_grad:
+                    g = p.mul_(wc[:, None] / p_sum)  # softmax, weighted
+                    g[rows[:n], tc] -= wc  # minus onehot: d loss / d logits
+                    g = g.to(dtype)
+                    grad_h[i:i + chunk] = g @ w
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
+                    else:
+                        grad_w += g.t() @ hc
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -261,7 +277,7 @@ class PicoDecoder(nn.Module):
             return self.de_embedding_proj(x), None  # (B, T, vocab)
 
         h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
-        chunk = 4096 if h.is_cuda else 128  # on CPU, chunks small enough for malloc to reuse
+        chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
         if reduction == "none":
             losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
                       for i in range(0, B * T, chunk)]

@@ -2,7 +2,7 @@
 # with the OLMo tokenizer) on a CPU, with no network.
 #   python train.py config/demo.py
 #   torchrun --standalone --nproc_per_node=2 train.py config/demo.py      (or 4)
-# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 3
+# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 2.5
 # minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 50 and 100); the run
 # ends with a sample continuation of "And God said".
 run_name = "demo"
