@@ -47,8 +47,8 @@ def sync(device):
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or the peak RSS above the start on CPU
-    (sampled every millisecond by a thread)."""
+    """Peak memory of a block: CUDA max allocated, or on CPU the peak RSS above the start (sampled
+    every millisecond by a thread) after glibc has returned its free heap to the system."""
 
     def __init__(self, device):
         self.device, self.peak = device, 0
@@ -58,7 +58,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            import ctypes
+            import gc
             import psutil
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the RSS growth is this block's
             self.proc, self.stop = psutil.Process(), False
             self.base = self.proc.memory_info().rss
             self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -322,9 +326,10 @@ def cpu_bench(reps):
     rows.append(("data loader", "synthetic 2049-token parquet", f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
 
     done("data loader")
-    for label, cfg in (("tiny", TINY), ("small", SMALL)):
+    for label, cfg, step in (("demo", DEMO, demo), ("tiny", TINY, tiny), ("small", SMALL, None)):
         dt, size, n = checkpoint_cost(cfg, device)
-        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state)"))
+        vs = f" = {dt / (step['ms'] / 1000):.2f}x its training step" if step else ""
+        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state){vs}"))
 
     done("checkpoints")
     suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
