@@ -227,10 +227,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                     g[rows[:n], tc] -= wc  # minus onehot: d loss / d logits
                     g = g.to(dtype)
                     grad_h[i:i + chunk] = g @ w
-                    if dtype == torch.float32:
+                    if g.dtype == grad_w.dtype:
                         grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
                     else:
-                        grad_w += g.t() @ hc
+                        grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
