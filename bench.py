@@ -18,6 +18,7 @@ Rows (CPU default):
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -100,25 +101,31 @@ def model_ab(device, reps, batch, seq_len):
         save_pretrained(ours, tmp)
         theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device)
     ids = torch.randint(0, 50280, (batch, seq_len + 1), device=device)
-    times, mems = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}
-    for name, m in (("ours", ours), ("transformers", theirs)):  # warm-up
-        fwd_bwd(m, ids if name == "ours" else ids[:, :-1], hf=name != "ours")
+    models = {"ours": (ours, ids), "transformers": (theirs, ids[:, :-1])}  # transformers shifts itself
+    times, faults = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}
+    for name, (m, x) in models.items():  # warm-up
+        fwd_bwd(m, x, hf=name != "ours")
     for r in range(reps):
-        order = [("ours", ours), ("transformers", theirs)]
-        for name, m in (order if r % 2 == 0 else order[::-1]):
-            x = ids if name == "ours" else ids[:, :-1]
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            m, x = models[name]
             sync(device)
-            with PeakMemory(device) as mem:
-                t0 = time.perf_counter()
-                fwd_bwd(m, x, hf=name != "ours")
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-            mems[name].append(mem.peak)
+            flt, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            fwd_bwd(m, x, hf=name != "ours")
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt)
+    mems = {}
+    for name, (m, x) in models.items():  # memory apart: measuring it (malloc_trim) would slow the timed steps
+        with PeakMemory(device) as mem:
+            fwd_bwd(m, x, hf=name != "ours")
+            sync(device)
+        mems[name] = mem.peak
     ratios = [a / b for a, b in zip(times["ours"], times["transformers"])]
     attn = attention_alone(ours.config, batch, seq_len, device, reps)
     return {"attn_ms": 1000 * attn, "ours_ms": 1000 * statistics.median(times["ours"]), "hf_ms": 1000 * statistics.median(times["transformers"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ours_mem": max(mems["ours"]), "hf_mem": max(mems["transformers"])}
+            "ours_mem": mems["ours"], "hf_mem": mems["transformers"],
+            "ours_faults": statistics.median(faults["ours"]), "hf_faults": statistics.median(faults["transformers"])}
 
 
 def attention_alone(cfg, batch, seq_len, device, reps):
@@ -157,12 +164,14 @@ def train_step_rate(cfg, batch, micro, device, steps, precision="fp32"):
 
     step()  # warm-up
     sync(device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    with PeakMemory(device) as mem:  # one more step, apart from the timed ones (see model_ab)
+        step()
         sync(device)
-        dt = (time.perf_counter() - t0) / steps
     return {"ms": 1000 * dt, "tok_s": batch * T / dt, "mem": mem.peak, "model": model, "opt": opt,
             "flops_per_token": model.flops_per_token(T), "rows_per_s": batch / dt}
 
@@ -312,6 +321,7 @@ def cpu_bench(reps):
     rows.append(("attention", "tiny, T=2048: 12 x SDPA fwd+bwd alone", f"{ab['attn_ms']:.0f} ms = {ab['attn_ms'] / ab['hf_ms']:.0%} of "
                  f"transformers' step (the same kernel in both models)"))
     rows.append(("peak memory", "same step", f"ours {ab['ours_mem'] / 2**20:.0f} MiB vs transformers {ab['hf_mem'] / 2**20:.0f} MiB"))
+    rows.append(("page faults", "same step (fresh pages touched)", f"ours {ab['ours_faults']:,.0f} vs transformers {ab['hf_faults']:,.0f}"))
 
     demo = train_step_rate(DEMO, batch=16, micro=8, device=device, steps=3)
     tiny = train_step_rate(TINY, batch=2, micro=1, device=device, steps=2)
