@@ -221,6 +221,22 @@ def test_chunked_loss_under_bf16_autocast_matches_autocast_reference():
         assert (ours[n] - p.grad).abs().max().item() <= tol * p.grad.abs().max().item(), n
 
 
+def test_torch_compile_matches_eager():
+    # train.py --compile=True and bench.py --gpu run the model through torch.compile (Inductor)
+    model = small_model(max_seq_len=128).train()
+    ids = tokens(batch=2, length=65)
+    results = []
+    for run in (model, torch.compile(model)):
+        _, loss = run(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert abs(eager - compiled) <= 1e-5
+    for n, g in eager_grads.items():
+        assert (g - compiled_grads[n]).abs().max().item() <= 1e-5 * max(1.0, g.abs().max().item()), n
+
+
 @pytest.mark.parametrize("size,expected", [("tiny", 11_282_784), ("small", 64_595_328),
                                            ("medium", 181_095_168), ("large", 569_808_384)])
 def test_preset_parameter_counts(size, expected):
