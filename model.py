@@ -24,8 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # enable_gqa lets SDPA share each KV head across its group of query heads without copying;
-# it appeared in torch 2.5. Older versions repeat the KV heads explicitly (same result).
+# it appeared in torch 2.5. On a GPU only SDPA's flash kernel (fp16/bf16, no mask) supports it:
+# elsewhere it would fall back to the math kernel, which materialises the T x T attention matrix.
+# There, and before torch 2.5, we repeat the KV heads instead (same result).
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def sdpa_shares_kv_heads(q, mask):
+    """Whether to let SDPA share the KV heads itself (enable_gqa) for these queries."""
+    return _SDPA_HAS_GQA and (q.device.type == "cpu" or (q.dtype in (torch.float16, torch.bfloat16)
+                                                         and mask is None))
 
 
 @dataclass
@@ -147,13 +155,12 @@ class Attention(nn.Module):
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
                 is_causal = False
 
-        if _SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
-        else:
-            group = self.n_heads // self.n_kv_heads
+        group, gqa = self.n_heads // self.n_kv_heads, {}
+        if group > 1 and sdpa_shares_kv_heads(q, mask):
+            gqa = {"enable_gqa": True}
+        elif group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
 

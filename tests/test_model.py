@@ -199,6 +199,22 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(batch, length):
     assert (per_token - manual).abs().max().item() <= 1e-5
 
 
+def test_kv_heads_repeated_where_sdpa_cannot_share_them(monkeypatch):
+    import model as model_module
+    m = small_model()  # 4 query heads over 2 KV heads
+    ids = tokens(batch=2, length=20)
+    shared, _ = m(ids)
+    monkeypatch.setattr(model_module, "_SDPA_HAS_GQA", False)  # the explicit-repeat path
+    repeated, _ = m(ids)
+    assert (shared - repeated).abs().max().item() <= 1e-5
+    monkeypatch.undo()
+    q = torch.empty(1, 4, 8, 8, device="meta")  # a non-CPU device: only flash (half precision) shares
+    assert not model_module.sdpa_shares_kv_heads(q, None)
+    assert model_module.sdpa_shares_kv_heads(q.bfloat16(), None)
+    assert not model_module.sdpa_shares_kv_heads(q.bfloat16(), torch.ones(8, 8, dtype=torch.bool))
+    assert model_module.sdpa_shares_kv_heads(torch.empty(1, 4, 8, 8), None)  # CPU: its flash kernel shares
+
+
 def test_chunked_loss_under_bf16_autocast_matches_autocast_reference():
     # the GPU recipe: fp32 weights, bf16 autocast. The head's matmuls must run in bf16 (as the
     # reference's autocast linear does) while the softmax and the loss stay fp32.
