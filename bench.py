@@ -21,6 +21,7 @@ Rows (CPU default):
 import argparse
 import os
 import resource
+import runpy
 import statistics
 import sys
 import tempfile
@@ -34,14 +35,20 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import dynamics
-from model import ModelConfig, PicoDecoder, save_pretrained
+from model import ModelConfig, PicoDecoder, gpu_peak_flops, save_pretrained
 
-TINY = dict(d_model=96, activation_hidden_dim=384)
-SMALL = dict(d_model=384, activation_hidden_dim=1536)
-MEDIUM = dict(d_model=768, activation_hidden_dim=3072)
-DEMO = dict(d_model=64, n_layers=4, attention_n_heads=2, attention_n_kv_heads=1, activation_hidden_dim=256,
-            max_seq_len=256)
-GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def preset(name):
+    """The model settings of config/<name>.py; those it leaves out are ModelConfig's defaults,
+    which are train.py's."""
+    settings = runpy.run_path(os.path.join(ROOT, "config", f"{name}.py"))
+    return {k: settings[k] for k in ModelConfig.__dataclass_fields__ if k in settings}
+
+
+TINY, SMALL, MEDIUM, DEMO = (preset(n) for n in ("pico_decoder_tiny", "pico_decoder_small",
+                                                 "pico_decoder_medium", "demo"))
 
 
 def sync(device):
@@ -98,7 +105,7 @@ def model_ab(device, reps, batch, seq_len):
     """Ours vs transformers' Llama on the same weights and batch, interleaved A/B."""
     import transformers
     torch.manual_seed(0)
-    ours = PicoDecoder(ModelConfig(**TINY, max_seq_len=seq_len)).to(device)
+    ours = PicoDecoder(ModelConfig(**{**TINY, "max_seq_len": seq_len})).to(device)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(ours, tmp)
         theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device)
@@ -220,7 +227,7 @@ def checkpoint_cost(cfg, device):
 
 def hub_upload_cost(model, opt, cfg, batch, micro, device):
     """Training-step time while a demo checkpoint uploads in the background, against idle."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from hub_server import HubServer
     server = HubServer().start()
     os.environ.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_TOKEN="hf_bench_token")
@@ -269,7 +276,7 @@ def gpu_bench(steps=10, smoke=False):
     if device == "cpu" and not smoke:
         raise SystemExit("bench.py --gpu needs a CUDA GPU (--smoke runs its code at toy size on CPU)")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    peak = next((v for k, v in GPU_PEAK.items() if k in name), None)
+    peak = gpu_peak_flops(name)
     print(f"device: {name}, torch {torch.__version__}, peak bf16 {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}",
           flush=True)
     if device == "cuda":

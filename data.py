@@ -40,13 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from model import EOS_TOKEN_ID  # <|endoftext|>; pico-lm puts one after each document
+
 log = logging.getLogger("pico.data")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_DIR = os.path.join(HERE, "data", "demo")
 TOKENIZER_PATH = os.path.join(HERE, "data", "tokenizer", "allenai_gpt-neox-olmo-dolma-v1_5.json")
 TOKENIZER_SHA256 = "9ad33b4b39a9f83973c3f8c42a01948dd5b877a28ac9a5356956c4ff4ed0b714"
-EOS_TOKEN_ID = 50279  # <|endoftext|> in the OLMo tokenizer; pico-lm puts one after each document
 ROW_LEN = 2049
 
 
@@ -155,6 +156,11 @@ def _pick_split(paths, split, where):
     return paths  # no split naming at all: the whole dataset is the one split
 
 
+def hub_offline():
+    """Is the Hugging Face Hub switched off (HF_HUB_OFFLINE set to a true value)?"""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def is_local(name):
     return os.path.exists(name) or any(c in name for c in "*?[") or name.startswith((".", "/", "~"))
 
@@ -188,7 +194,7 @@ def open_shards(name, split=None):
                             f"files, or a Dataset.save_to_disk folder)")
         return [ParquetShard(f) for f in files]
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         raise DataError(f"{name!r} is a Hugging Face Hub dataset, but HF_HUB_OFFLINE is set (no network). "
                         f"Use the embedded corpus (python train.py config/demo.py) or point "
                         f"dataset_name at a local folder of parquet files.")
@@ -273,7 +279,7 @@ class TrainStream:
         self.device = device
         self.shards = open_shards(name, split)
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
-        self._windows = None
+        self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
 
     def _seqs_per_row(self, shard):
         if self._windows is None:  # all shards of a dataset share one row length
@@ -326,7 +332,7 @@ class TrainStream:
     def state_dict(self):
         return {"dataset": self.name, "epoch": self.epoch, "shard": self.shard,
                 "shard_name": os.path.basename(self.shards[self.shard].name), "seq": self.seq,
-                "row_len": getattr(self, "_row_len", None)}
+                "row_len": self._row_len}
 
     def load_state_dict(self, state):
         shard = state["shard"]
@@ -365,9 +371,7 @@ def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None):
 
 def load_tokenizer(path=TOKENIZER_PATH):
     from tokenizers import Tokenizer
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if path == TOKENIZER_PATH and digest != TOKENIZER_SHA256:
+    if path == TOKENIZER_PATH and (digest := file_sha256(path)) != TOKENIZER_SHA256:
         raise DataError(f"{path}: sha256 {digest} is not the OLMo tokenizer's ({TOKENIZER_SHA256})")
     return Tokenizer.from_file(path)
 

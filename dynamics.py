@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-SPLITS = ("train", "val")
+import checkpoint
+
 KINDS = ("activations", "weights", "gradients")
 
 
@@ -118,7 +119,7 @@ def save_rows(seqs, folder, tokenizer=None):
 def load(run_dir, step, split="val"):
     """(activations, weights, gradients) of one checkpoint's split, for analysis notebooks:
         acts, weights, grads = dynamics.load("runs/demo", 100, "val")"""
-    folder = os.path.join(run_dir, "checkpoints", f"step_{step}", "learning_dynamics")
+    folder = os.path.join(checkpoint.step_dir(run_dir, step), "learning_dynamics")
     if not os.path.exists(os.path.join(folder, f"{split}_activations.pt")):
         have = sorted(f for f in os.listdir(folder)) if os.path.isdir(folder) else []
         raise FileNotFoundError(f"no {split} learning dynamics in {folder} (found: {have}); "

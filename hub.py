@@ -296,8 +296,8 @@ def list_steps(repo_id, branch):
     return dict(sorted(steps.items()))
 
 
-def commit_for(repo_id, branch, step, title):
-    steps = list_steps(repo_id, branch)
+def commit_for(steps, repo_id, branch, step, title):
+    """The commit id of `title` at `step`, from a list_steps() listing."""
     if step not in steps:
         raise SystemExit(f"{repo_id}@{branch} has no step {step}; steps: {list(steps)[:20]}")
     if title not in steps[step]:
@@ -305,23 +305,22 @@ def commit_for(repo_id, branch, step, title):
     return steps[step][title]
 
 
-def download(repo_id, branch, step, what, out_dir):
-    """Files of one kind at the commit that saved them at `step`, into out_dir (repo layout)."""
+def download(repo_id, branch, step, what, out_dir, steps=None):
+    """Files of one kind at the commit that saved them at `step`, into out_dir (repo layout).
+    steps: a list_steps() listing already fetched (else it is fetched here)."""
     from huggingface_hub import HfApi, hf_hub_download
+    steps = steps if steps is not None else list_steps(repo_id, branch)
     title, patterns = WHAT[what]
     step_for_title = 0 if what in ("tokenizer", "config") else step
-    revision = commit_for(repo_id, branch, step_for_title, title)
+    revision = commit_for(steps, repo_id, branch, step_for_title, title)
     files = [f for f in HfApi().list_repo_files(repo_id, revision=revision)
              if any(fnmatch.fnmatch(f, p) for p in patterns)]
     if what == "dynamics":  # the train split is in its own commit (absent at the final step)
-        try:
-            train_rev = commit_for(repo_id, branch, step, "Saving Learning Dynamics Data (train)")
-            files_train = [f for f in HfApi().list_repo_files(repo_id, revision=train_rev)
-                           if fnmatch.fnmatch(f, "learning_dynamics/train_*")]
-            for f in files_train:
-                hf_hub_download(repo_id, f, revision=train_rev, local_dir=out_dir)
-        except SystemExit:
-            pass
+        train_rev = steps.get(step, {}).get("Saving Learning Dynamics Data (train)")
+        if train_rev:
+            for f in HfApi().list_repo_files(repo_id, revision=train_rev):
+                if fnmatch.fnmatch(f, "learning_dynamics/train_*"):
+                    hf_hub_download(repo_id, f, revision=train_rev, local_dir=out_dir)
         files = [f for f in files if fnmatch.fnmatch(f, "learning_dynamics/val_*")]
     for f in files:
         hf_hub_download(repo_id, f, revision=revision, local_dir=out_dir)
@@ -334,11 +333,10 @@ def restore(repo_id, branch, step, run_dir):
     import tempfile
 
     import checkpoint
+    steps = list_steps(repo_id, branch)
     with tempfile.TemporaryDirectory() as tmp:
-        download(repo_id, branch, step, "model", tmp)
-        download(repo_id, branch, step, "state", tmp)
-        download(repo_id, branch, 0, "tokenizer", tmp)
-        download(repo_id, branch, 0, "config", tmp)
+        for what in ("model", "state", "tokenizer", "config"):
+            download(repo_id, branch, step, what, tmp, steps)
         os.makedirs(checkpoint.checkpoints_dir(run_dir), exist_ok=True)
         if not os.path.exists(os.path.join(run_dir, "training_config.yaml")):
             shutil.copy(os.path.join(tmp, "training_config.yaml"), run_dir)

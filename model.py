@@ -340,9 +340,19 @@ class PicoDecoder(nn.Module):
         return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
 
 
+GPU_BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def gpu_peak_flops(device_name):
+    """The dense bf16 peak of a GPU by its name (for MFU), or None where it is not known: never guessed."""
+    return next((peak for name, peak in GPU_BF16_PEAK_FLOPS.items() if name in device_name), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face checkpoints. Our own are plain Llama checkpoints (transformers' LlamaForCausalLM,
 # no remote code); pico-train's are `pico_decoder.`-prefixed keys with interleaved RoPE.
+
+EOS_TOKEN_ID, PAD_TOKEN_ID = 50279, 1  # <|endoftext|> and <|padding|> of the OLMo tokenizer
 
 _HF_NAMES = [  # (our name, Llama name); {i} is the layer index
     ("embedding_proj.weight", "model.embed_tokens.weight"),
@@ -381,7 +391,7 @@ def llama_config_dict(config, dtype=torch.float32):
         "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "tie_word_embeddings": False, "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
-        "bos_token_id": None, "eos_token_id": 50279, "pad_token_id": 1,
+        "bos_token_id": None, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
         "pico_decoder": asdict(config),  # our own field names, for readers of the file
     }
 
@@ -399,7 +409,7 @@ def save_pretrained(model, path, dtype=None):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(llama_config_dict(model.config, dtype), f, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": 50279, "pad_token_id": 1, "do_sample": True}, f, indent=2)
+        json.dump({"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID, "do_sample": True}, f, indent=2)
 
 
 def _interleaved_to_halves(w, n_heads):

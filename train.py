@@ -106,7 +106,7 @@ import yaml  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import dynamics  # noqa: E402
-from model import ModelConfig, PicoDecoder, load_pretrained, save_pretrained  # noqa: E402
+from model import ModelConfig, PicoDecoder, gpu_peak_flops, load_pretrained, save_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -204,7 +204,7 @@ uploader = None  # rank 0's background Hub uploader; the other ranks never wait 
 if save_to_hf:
     if not hf_repo_id:
         raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if data.hub_offline():
         raise SystemExit("save_to_hf=True needs the network, but HF_HUB_OFFLINE is set")
     os.environ["HF_HUB_OFFLINE"] = "0"  # a local dataset would otherwise switch the Hub client offline
     if master:
@@ -239,8 +239,7 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps)
 flops_per_token = raw_model.flops_per_token(max_seq_len)
 # MFU is reported only where the GPU's dense bf16 peak is known, never guessed
-peak_flops = next((peak for name, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-                   if device_type == "cuda" and precision == "bf16" and name in torch.cuda.get_device_name()), None)
+peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" and precision == "bf16" else None
 log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 
 # -----------------------------------------------------------------------------
@@ -338,6 +337,10 @@ def evaluate():
             "rows": int(rows), "dataset": eval_dataset_name}
 
 
+def eval_path(step):
+    return os.path.join(run_dir, "eval_results", f"step_{step}.json")
+
+
 def save_checkpoint(step):
     """Model (Hugging Face format), tokenizer and training state into step_<step>, atomically."""
     t0 = time.time()
@@ -380,8 +383,7 @@ def save_checkpoint(step):
     barrier()
     if master:
         if uploader:  # queued before the folder is sealed: a crash in between loses no upload
-            uploader.enqueue(run_dir, step, checkpoint.step_dir(run_dir, step), tmp,
-                             os.path.exists(os.path.join(run_dir, "eval_results", f"step_{step}.json")))
+            uploader.enqueue(run_dir, step, checkpoint.step_dir(run_dir, step), tmp, os.path.exists(eval_path(step)))
         checkpoint.commit(run_dir, step, tmp)
     barrier()
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
@@ -403,8 +405,8 @@ while True:
             log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
                 f"{results['paloma']:.2f} on {results['rows']} sequences")
             if master:
-                os.makedirs(os.path.join(run_dir, "eval_results"), exist_ok=True)
-                with open(os.path.join(run_dir, "eval_results", f"step_{step}.json"), "w") as f:
+                os.makedirs(os.path.dirname(eval_path(step)), exist_ok=True)
+                with open(eval_path(step), "w") as f:
                     json.dump(results, f, indent=2)
             log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
         if last_step or stopping or step % save_every_n_steps == 0:
