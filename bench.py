@@ -13,7 +13,8 @@ Rows (CPU default):
   train step   the demo and tiny configs: tokens/s and ms per optimizer step (AdamW included)
   data         the loader's tokens/s (embedded corpus, synthetic 2049-token parquet) vs what a
                training step consumes
-  checkpoint   save time and size (model + optimizer), demo, tiny and small, vs a training step
+  checkpoint   save time and size (model + optimizer), demo, tiny and small, vs a training step;
+               the sha256 manifest part of it, and the check a resume makes before loading
   dynamics     a learning-dynamics capture vs a training step on the same number of rows
   hub upload   training step time while a checkpoint uploads in the background (local Hub server)
 """
@@ -219,10 +220,16 @@ def checkpoint_cost(cfg, device):
         tmp = checkpoint.begin(run, 1)
         save_pretrained(model, tmp)
         torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
+        t1 = time.perf_counter()
+        checkpoint.write_manifest(tmp, 1)  # fsync + sha256 of every file
+        manifest_s = time.perf_counter() - t1
         final = checkpoint.commit(run, 1, tmp)
         dt = time.perf_counter() - t0
         size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(final) for f in fs)
-    return dt, size, model.num_params()
+        t1 = time.perf_counter()
+        checkpoint.verify(final)  # what a resume checks before loading
+        verify_s = time.perf_counter() - t1
+    return dt, manifest_s, verify_s, size, model.num_params()
 
 
 def hub_upload_cost(model, opt, cfg, batch, micro, device):
@@ -256,6 +263,7 @@ def hub_upload_cost(model, opt, cfg, batch, micro, device):
             idle.append(time.perf_counter() - t0)
         up = hub.Uploader(run, "bench/pico", "bench", log_fn=lambda m: None)
         t_up = time.perf_counter()
+        checkpoint.write_manifest(tmp, 0)
         up.enqueue(run, 0, checkpoint.step_dir(run, 0), tmp, False)
         checkpoint.commit(run, 0, tmp)
         busy = []
@@ -338,9 +346,10 @@ def cpu_bench(reps):
 
     done("data loader")
     for label, cfg, step in (("demo", DEMO, demo), ("tiny", TINY, tiny), ("small", SMALL, None)):
-        dt, size, n = checkpoint_cost(cfg, device)
+        dt, manifest_s, verify_s, size, n = checkpoint_cost(cfg, device)
         vs = f" = {dt / (step['ms'] / 1000):.2f}x its training step" if step else ""
-        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state){vs}"))
+        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW "
+                     f"state){vs}; of which the sha256 manifest {manifest_s:.2f} s; checked on resume in {verify_s:.2f} s"))
 
     done("checkpoints")
     suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]

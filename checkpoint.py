@@ -1,5 +1,5 @@
 """
-Checkpoint folders that survive a crash at any instant.
+Checkpoint folders that survive a crash at any instant, and that run no code when loaded.
 
     runs/<run>/checkpoints/step_<N>/      a complete checkpoint (model, tokenizer, training state)
     runs/<run>/checkpoints/latest         symlink to the newest complete step_<N>
@@ -8,13 +8,20 @@ Checkpoint folders that survive a crash at any instant.
 A checkpoint is written under its temporary name and renamed into place only when every rank has
 finished writing and every file is flushed to disk; `latest` is then switched with an atomic
 rename of a new symlink. A kill at any moment therefore leaves the previous `latest` intact.
-`manifest.json` lists every file with its size, so a truncated or damaged checkpoint is reported
-instead of loaded.
+`manifest.json` lists every file with its size and sha256, checked before a checkpoint is loaded,
+so a truncated file or flipped bytes are reported instead of loaded.
+
+Loading never runs code: the training state and DeepSpeed's files are read with
+torch.load(weights_only=True), which accepts tensors and plain Python values only (plus, for
+DeepSpeed, the three small types of its own in DEEPSPEED_TYPES); the weights are safetensors.
 """
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -23,12 +30,23 @@ import torch
 MANIFEST = "manifest.json"
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded safely; the message names the file and what to do."""
+
+
 def checkpoints_dir(run_dir):
     return os.path.join(run_dir, "checkpoints")
 
 
 def step_dir(run_dir, step):
     return os.path.join(checkpoints_dir(run_dir), f"step_{step}")
+
+
+def saved_steps(run_dir):
+    """The step numbers of the complete-looking step_<N> folders, in order."""
+    ckpt = checkpoints_dir(run_dir)
+    names = os.listdir(ckpt) if os.path.isdir(ckpt) else []
+    return sorted(int(n[5:]) for n in names if re.fullmatch(r"step_\d+", n))
 
 
 def begin(run_dir, step):
@@ -47,19 +65,31 @@ def _fsync(path):
         os.close(fd)
 
 
-def commit(run_dir, step, tmp):
-    """Seal a fully written temporary folder as step_<N> and point `latest` at it. Rank 0 only,
-    after all ranks have written their files."""
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(tmp, step):
+    """Flush every file of a fully written temporary folder to disk and list it, with its size and
+    sha256, in manifest.json. Rank 0 only, after all ranks have written their files."""
     files = {}
     for root, _, names in os.walk(tmp):
         for name in names:
             path = os.path.join(root, name)
+            if path == os.path.join(tmp, MANIFEST):
+                continue
             _fsync(path)
-            files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+            files[os.path.relpath(path, tmp).replace(os.sep, "/")] = {
+                "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+
+
+def commit(run_dir, step, tmp):
+    """Seal a temporary folder that has its manifest as step_<N> and point `latest` at it."""
     final = step_dir(run_dir, step)
     if os.path.exists(final):  # a step re-saved after a resume from an older checkpoint
         shutil.rmtree(final)
@@ -85,33 +115,122 @@ def clean_partial(run_dir):
     return stale
 
 
+def _fix(run_dir, bad=None):
+    """What to do about a bad `latest`: the commands that point it at a step that exists."""
+    link = os.path.join(checkpoints_dir(run_dir), "latest")
+    others = [s for s in saved_steps(run_dir) if f"step_{s}" != bad]
+    if others:
+        return (f"point it at an earlier checkpoint (steps here: {', '.join(map(str, others[-8:]))}), "
+                f"e.g. `ln -sfn step_{others[-1]} {link}`, then run again")
+    return f"no other checkpoint is here: remove {link} to start this run from step 0"
+
+
 def latest(run_dir):
     """The folder `latest` points to, checked against its manifest; None if there is none."""
     link = os.path.join(checkpoints_dir(run_dir), "latest")
     if not os.path.lexists(link):
         return None
-    path = os.path.join(checkpoints_dir(run_dir), os.readlink(link))
-    verify(path)
+    if not os.path.islink(link):
+        raise CheckpointError(f"{link} is a regular file, not a link to a step_<N> folder; remove it and "
+                              f"{_fix(run_dir)}")
+    target = os.readlink(link)
+    path = os.path.join(checkpoints_dir(run_dir), target)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{link} points at {target}, which does not exist; {_fix(run_dir, target)}")
+    verify(path, fix=_fix(run_dir, os.path.basename(os.path.normpath(path))))
     return path
 
 
-def verify(path):
+def read_manifest(path):
+    """{relative path: {"bytes", "sha256"}} from a checkpoint folder's manifest.json."""
     manifest = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest):
-        raise RuntimeError(f"checkpoint {path} is incomplete (no {MANIFEST}); it will not be loaded. "
-                           f"Point checkpoints/latest at an earlier step_<N> or remove the run folder.")
-    with open(manifest) as f:
-        files = json.load(f)["files"]
-    for name, size in files.items():
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+        if not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v) for v in files.values()):
+            raise ValueError("an entry lacks 'bytes' or 'sha256' (written by an older pico-train?)")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{manifest} is not a valid manifest ({type(e).__name__}: {e})") from None
+    return files
+
+
+def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=()):
+    """Check every file of a checkpoint folder against its manifest (size, then sha256).
+    skip: relative path prefixes that may be absent (restore leaves out learning_dynamics/)."""
+    try:
+        files = read_manifest(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; it will not be loaded: {fix}") from None
+    for name, entry in sorted(files.items()):
         full = os.path.join(path, name)
-        if not os.path.exists(full) or os.path.getsize(full) != size:
-            found = os.path.getsize(full) if os.path.exists(full) else "missing"
-            raise RuntimeError(f"checkpoint {path} is damaged: {name} should be {size} bytes, found "
-                               f"{found}. Point checkpoints/latest at an earlier step_<N>.")
+        if name.startswith(tuple(skip)) and not os.path.exists(full):
+            continue
+        found = os.path.getsize(full) if os.path.isfile(full) else None
+        if found != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} should be {entry['bytes']} bytes, found "
+                                  f"{'nothing' if found is None else found}; {fix}")
+        if file_sha256(full) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} has the right size but not the content "
+                                  f"its manifest records (sha256 differs); {fix}")
+
+
+# the only non-plain types DeepSpeed's ZeRO-2 files hold (its optimizer files, fp32 and bf16)
+DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
+REFUSE = ("and loading them could run code. Do not load this checkpoint unless you made it: delete it, or point "
+          "checkpoints/latest at another step")
+
+
+def load_state(path, map_location="cpu"):
+    """torch.load that cannot run code: tensors and plain Python values only (weights_only=True).
+    A file holding anything else (for instance a pickle that calls a shell command) is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"(?i)unsupported GLOBAL \S+", str(e))
+        raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                              f"values ({what.group(0) if what else str(e).splitlines()[0]}), {REFUSE}") from None
+
+
+def scan(path):
+    """Refuse a checkpoint folder any of whose pickle-based files (*.pt) names a Python object that
+    load_state() would not accept, without loading any of it."""
+    for root, _, names in os.walk(path):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            full = os.path.join(root, name)
+            allowed = DEEPSPEED_TYPES if "deepspeed" in os.path.relpath(root, path).split(os.sep) else ()
+            try:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(full)
+            except Exception as e:  # noqa: BLE001 - not a torch.save file at all
+                raise CheckpointError(f"refusing to load {full}: not a file torch.save wrote ({e})") from None
+            if unsafe := sorted(set(found) - set(allowed)):
+                raise CheckpointError(f"refusing to load {full}: it names Python objects other than tensors and "
+                                      f"plain values ({', '.join(unsafe[:3])}), {REFUSE}")
+
+
+def deepspeed_engine(config_params):
+    """A DeepSpeed checkpoint engine that reads its files like load_state() (DeepSpeed's own calls
+    torch.load(weights_only=False) on every file of a checkpoint), allowing DEEPSPEED_TYPES only."""
+    import importlib
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    allowed = [getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in DEEPSPEED_TYPES]
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return load_state(path, map_location)
+
+    return SafeTorchCheckpointEngine(config_params)  # the engine's config: its zipfile setting
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (what load_state() accepts)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -119,7 +238,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

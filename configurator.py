@@ -62,8 +62,13 @@ def configure(argv, settings):
     """Apply config files and --key=value overrides, in order, to the dict `settings` (train.py's
     globals()); only names that already exist there can be set."""
     names = setting_names(settings)
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" not in arg:
+            example = f"--{arg[2:]}={argv[i + 1]}" if i + 1 < len(argv) else f"{arg}=VALUE"
+            raise SystemExit(f"config error: {arg} has no value; write it with '=', as {example}")
         if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config error: no config file {arg!r} (settings are written --key=value)")
             namespace = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), namespace)

@@ -25,6 +25,7 @@ Run as a script it builds the embedded demo corpus or tokenizes your own text:
 """
 
 import argparse
+import difflib
 import glob
 import hashlib
 import json
@@ -92,10 +93,14 @@ class ParquetShard:
     def _open(self):
         if self._file is None:
             def open_file():
-                f = pq.ParquetFile(self.fs.open(self.name, "rb") if self.fs else self.name)
-                if "input_ids" not in f.schema_arrow.names:
-                    raise DataError(f"{self.name}: no 'input_ids' column (columns: "
-                                    f"{f.schema_arrow.names}); pico-train needs pre-tokenized rows")
+                if not self.fs and os.path.getsize(self.name) == 0:
+                    raise DataError(f"{self.name}: the file is empty (0 bytes); remove it or write it again")
+                try:
+                    f = pq.ParquetFile(self.fs.open(self.name, "rb") if self.fs else self.name)
+                except pa.ArrowInvalid as e:
+                    raise DataError(f"{self.name}: not a parquet file ({e}); dataset_name must hold parquet files "
+                                    f"of token ids (python data.py tokenize makes them from text)") from None
+                check_schema(f.schema_arrow, self.name)
                 return f
             self._file = _retry(open_file, f"opening {self.name}") if self.fs else open_file()
             sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
@@ -127,8 +132,7 @@ class TableShard:
 
     def __init__(self, name, table):
         self.name, self.table = name, table
-        if "input_ids" not in table.column_names:
-            raise DataError(f"{name}: no 'input_ids' column (columns: {table.column_names})")
+        check_schema(table.schema, name)
 
     @property
     def num_rows(self):
@@ -136,6 +140,19 @@ class TableShard:
 
     def read(self, start, stop, columns=("input_ids",)):
         return self.table.select(list(columns)).slice(start, stop - start)
+
+
+def check_schema(schema, name):
+    """Refuse a file whose input_ids column is missing or is not lists of integers (strings of
+    text, or float ids that would be silently truncated)."""
+    if "input_ids" not in schema.names:
+        raise DataError(f"{name}: no 'input_ids' column (columns: {schema.names}); pico-train needs rows of "
+                        f"token ids (python data.py tokenize makes them from text)")
+    kind = schema.field("input_ids").type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise DataError(f"{name}: input_ids has type {kind}, expected lists of integer token ids"
+                        + (" (text must be tokenized first: python data.py tokenize)" if pa.types.is_string(kind)
+                           or pa.types.is_large_string(kind) else ""))
 
 
 def _matches_split(relpath, split):
@@ -194,6 +211,11 @@ def open_shards(name, split=None):
                             f"files, or a Dataset.save_to_disk folder)")
         return [ParquetShard(f) for f in files]
 
+    parent = os.path.dirname(os.path.expanduser(name))
+    if parent and os.path.isdir(parent):  # data/dem0: a mistyped local path, not a Hub dataset
+        close = difflib.get_close_matches(os.path.basename(name), os.listdir(parent), n=3, cutoff=0.5)
+        raise DataError(f"{name}: no such file or folder in {parent}/"
+                        + (f" (did you mean {', '.join(os.path.join(parent, c) for c in close)}?)" if close else ""))
     if hub_offline():
         raise DataError(f"{name!r} is a Hugging Face Hub dataset, but HF_HUB_OFFLINE is set (no network). "
                         f"Use the embedded corpus (python train.py config/demo.py) or point "
@@ -216,9 +238,8 @@ def open_shards(name, split=None):
 def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
     """Turn a table of input_ids rows into an (n, row_len) int64 array, refusing bad rows with
     the shard and row number. Nothing is padded, truncated or skipped."""
+    check_schema(table.schema, shard_name)
     col = table.column("input_ids").combine_chunks()
-    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
-        raise DataError(f"{shard_name}: input_ids has type {col.type}, expected a list of token ids")
     lengths = list_lengths(col)
     if col.null_count:
         bad = int(np.flatnonzero(np.asarray(col.is_null()))[0])
@@ -278,6 +299,11 @@ class TrainStream:
         self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
         self.device = device
         self.shards = open_shards(name, split)
+        # open local shards now (a footer each), so an empty or broken file stops the run before any
+        # work; a Hub dataset (10,000 shards) opens its first one now and the others as it reaches them
+        on_hub = getattr(self.shards[0], "fs", None) is not None
+        if sum(s.num_rows for s in (self.shards[:1] if on_hub else self.shards)) == 0 and not on_hub:
+            raise DataError(f"{name}: the dataset has no rows")
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
         self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
 

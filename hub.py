@@ -58,8 +58,15 @@ class PermanentError(Exception):
 
 
 def _scrub(text):
-    token = os.environ.get("HF_TOKEN")
-    return text.replace(token, "***") if token else text
+    """text without the Hub token in it, wherever it came from (a server may echo it in an error)."""
+    try:
+        from huggingface_hub import get_token
+        tokens = {os.environ.get("HF_TOKEN"), get_token()}
+    except Exception:  # noqa: BLE001 - an unreadable token file: scrub what we know
+        tokens = {os.environ.get("HF_TOKEN")}
+    for token in sorted(filter(None, tokens), key=len, reverse=True):
+        text = text.replace(token, "***")
+    return text
 
 
 def _line(e):
@@ -277,9 +284,9 @@ class Uploader:
             self.log(f"hub: NOT uploaded: {len(left)} commit(s) (" + ", ".join(c["title"] for c in left[:4]) +
                      (", ..." if len(left) > 4 else "") + f"). They are kept in {self.path}; run "
                      f"`python hub.py push {self.run_dir}` or restart the run to upload them.")
-        else:
+        elif not self.failed:
             self.log(f"hub: everything is on {self.repo_id}@{self.branch}")
-        return not left
+        return not left and not self.failed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,9 +312,23 @@ def commit_for(steps, repo_id, branch, step, title):
     return steps[step][title]
 
 
+def local_path(out_dir, repo_path):
+    """Where a repository file goes under out_dir. A path that would land outside it (a `..` part,
+    an absolute path) is refused here, whatever the installed huggingface_hub would do with it."""
+    parts = repo_path.split("/")
+    inside = os.path.realpath(out_dir)
+    target = os.path.realpath(os.path.join(inside, *parts))
+    if (repo_path.startswith(("/", "\\")) or "\\" in repo_path or ".." in parts or os.path.isabs(repo_path)
+            or os.path.commonpath([inside, target]) != inside):
+        raise ValueError(f"refusing the repository file {repo_path!r}: it would be written outside {out_dir}. "
+                         f"This repository is malformed or hostile; nothing of it was downloaded")
+    return target
+
+
 def download(repo_id, branch, step, what, out_dir, steps=None):
     """Files of one kind at the commit that saved them at `step`, into out_dir (repo layout).
-    steps: a list_steps() listing already fetched (else it is fetched here)."""
+    steps: a list_steps() listing already fetched (else it is fetched here). Every repository path
+    is checked to stay inside out_dir before any file is fetched."""
     from huggingface_hub import HfApi, hf_hub_download
     steps = steps if steps is not None else list_steps(repo_id, branch)
     title, patterns = WHAT[what]
@@ -315,20 +336,24 @@ def download(repo_id, branch, step, what, out_dir, steps=None):
     revision = commit_for(steps, repo_id, branch, step_for_title, title)
     files = [f for f in HfApi().list_repo_files(repo_id, revision=revision)
              if any(fnmatch.fnmatch(f, p) for p in patterns)]
+    fetch = [(f, revision) for f in files]
     if what == "dynamics":  # the train split is in its own commit (absent at the final step)
+        fetch = [(f, r) for f, r in fetch if fnmatch.fnmatch(f, "learning_dynamics/val_*")]
         train_rev = steps.get(step, {}).get("Saving Learning Dynamics Data (train)")
         if train_rev:
-            for f in HfApi().list_repo_files(repo_id, revision=train_rev):
-                if fnmatch.fnmatch(f, "learning_dynamics/train_*"):
-                    hf_hub_download(repo_id, f, revision=train_rev, local_dir=out_dir)
-        files = [f for f in files if fnmatch.fnmatch(f, "learning_dynamics/val_*")]
-    for f in files:
-        hf_hub_download(repo_id, f, revision=revision, local_dir=out_dir)
-    return revision, files
+            fetch += [(f, train_rev) for f in HfApi().list_repo_files(repo_id, revision=train_rev)
+                      if fnmatch.fnmatch(f, "learning_dynamics/train_*")]
+    for f, _ in fetch:
+        local_path(out_dir, f)
+    for f, rev in fetch:
+        hf_hub_download(repo_id, f, revision=rev, local_dir=out_dir)
+    return revision, [f for f, _ in fetch]
 
 
 def restore(repo_id, branch, step, run_dir):
-    """Rebuild runs/<run>/checkpoints/step_<N> (and latest) from the Hub, so train.py resumes there."""
+    """Rebuild runs/<run>/checkpoints/step_<N> (and latest) from the Hub, so train.py resumes there.
+    The files are checked against the manifest uploaded with them (sizes and sha256) and scanned
+    for pickled code before the checkpoint is sealed; a bad one leaves nothing behind."""
     import shutil
     import tempfile
 
@@ -338,20 +363,30 @@ def restore(repo_id, branch, step, run_dir):
         for what in ("model", "state", "tokenizer", "config"):
             download(repo_id, branch, step, what, tmp, steps)
         os.makedirs(checkpoint.checkpoints_dir(run_dir), exist_ok=True)
+        target = checkpoint.begin(run_dir, step)
+        try:
+            for name in MODEL_FILES + TOKENIZER_FILES:
+                if os.path.exists(os.path.join(tmp, name)):
+                    shutil.copy(os.path.join(tmp, name), target)
+            state = os.path.join(tmp, "training_state")
+            for root, _, names in os.walk(state):
+                for n in names:
+                    dest = os.path.join(target, os.path.relpath(os.path.join(root, n), state))
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    shutil.copy(os.path.join(root, n), dest)
+            fix = f"restore another step (python hub.py list {repo_id} --branch {branch})"
+            if os.path.exists(os.path.join(target, checkpoint.MANIFEST)):
+                checkpoint.verify(target, fix=fix, skip=("learning_dynamics/",))  # not restored: not needed to resume
+            else:
+                print(f"warning: step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an "
+                      f"older pico-train): its files cannot be checked for damage")
+            checkpoint.scan(target)
+            checkpoint.write_manifest(target, step)  # of the files restored
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         if not os.path.exists(os.path.join(run_dir, "training_config.yaml")):
             shutil.copy(os.path.join(tmp, "training_config.yaml"), run_dir)
-        target = checkpoint.begin(run_dir, step)
-        for name in MODEL_FILES + TOKENIZER_FILES:
-            if os.path.exists(os.path.join(tmp, name)):
-                shutil.copy(os.path.join(tmp, name), target)
-        state = os.path.join(tmp, "training_state")
-        for root, _, names in os.walk(state):
-            for n in names:
-                if n == checkpoint.MANIFEST:
-                    continue
-                dest = os.path.join(target, os.path.relpath(os.path.join(root, n), state))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.copy(os.path.join(root, n), dest)
         return checkpoint.commit(run_dir, step, target)
 
 
@@ -364,7 +399,7 @@ def push(run_dir, timeout=3600.0):
     return uploader.finish(timeout)
 
 
-if __name__ == "__main__":
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("list", help="list the steps saved on a branch")
@@ -383,7 +418,10 @@ if __name__ == "__main__":
     p.add_argument("--run-dir", required=True)
     p = sub.add_parser("push", help="upload what a run's hub_queue.json still holds")
     p.add_argument("run_dir")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args):
     if args.cmd == "list":
         for step, commits in list_steps(args.repo, args.branch).items():
             print(f"step {step}: " + ", ".join(f"{t} ({cid[:8]})" for t, cid in commits.items()))
@@ -395,3 +433,13 @@ if __name__ == "__main__":
               f"now run train.py with run_name/runs_dir pointing at {args.run_dir}")
     else:
         raise SystemExit(0 if push(args.run_dir) else 1)
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    try:
+        main(cli)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, never the token, instead of a traceback
+        raise SystemExit(f"hub.py {cli.cmd}: {type(e).__name__}: {_line(e)}") from None

@@ -97,6 +97,19 @@ def get_lr(step):
 if __name__ != "__main__":
     raise ImportError("train.py is a script: python train.py config/<file>.py")
 config_keys = configurator.configure(sys.argv[1:], globals())
+# settings that cannot work are refused now, one line each, before anything is created or loaded
+for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
+                          ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""), ("learning_dynamics_batch_size", 1, ""),
+                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""),
+                          ("max_steps", 0, " (the run's length in optimizer steps)"),
+                          ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
+                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)")):
+    value = globals()[name]
+    if value is not None and (isinstance(value, (bool, str, list)) or value < least):
+        raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
+if precision not in ("auto", "bf16", "fp32"):
+    raise SystemExit(f"config error: precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+get_lr(lr_warmup_steps)  # refuses an unknown lr_scheduler (warmup does not look at it)
 configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
 
 import torch  # noqa: E402
@@ -170,14 +183,20 @@ if run_name is None:
     run_name = name[0]
 run_dir = os.path.join(runs_dir, run_name)
 config = {k: globals()[k] for k in config_keys}
+set_aside = None  # auto_resume=False starts over, but never over a run: the old one is kept under a new name
+if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
+    os.rename(run_dir, set_aside)
+barrier()
 os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
 log_file = open(os.path.join(run_dir, "logs", "train.log"), "a") if master else None
 
 
-def log(msg):
+def log(msg, console=True):
     if master:
         line = f"[{datetime.now():%H:%M:%S}] {msg}"
-        print(line, flush=True)
+        if console:
+            print(line, flush=True)
         log_file.write(line + "\n")
         log_file.flush()
 
@@ -199,6 +218,8 @@ log(f"run {run_dir}: {world_size} process(es), {device}, {precision}, backend {b
     f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
 log("config: " + json.dumps(config))
+if set_aside:
+    log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
 uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
 if save_to_hf:
@@ -243,16 +264,20 @@ peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cud
 log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 
 # -----------------------------------------------------------------------------
-# data
-train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
-                              split=dataset_split, device=device)
-eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
+# data (every shard is opened and its schema checked now, so a bad file stops the run before any work)
+try:
+    train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
+                                  split=dataset_split, device=device)
+    eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
+    dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
+    if layer_suffixes:
+        dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else data.load_eval_sequences(
+            learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split))
+except data.DataError as e:
+    raise SystemExit(f"data error: {e}") from None
 tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
-dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
 if layer_suffixes:
     dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
-    dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else
-                         data.load_eval_sequences(learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split))
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
@@ -266,9 +291,14 @@ if auto_resume:
         for stale in checkpoint.clean_partial(run_dir):
             log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
     barrier()
-    resume_from = checkpoint.latest(run_dir)
+    try:  # checked against its manifest (sizes and sha256), then read without running any code
+        resume_from = checkpoint.latest(run_dir)
+        if resume_from:
+            checkpoint.scan(resume_from)
+            resumed_state = checkpoint.load_state(os.path.join(resume_from, "training_state.pt"))
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"cannot resume: {e}") from None
 if resume_from:
-    resumed_state = torch.load(os.path.join(resume_from, "training_state.pt"), map_location="cpu", weights_only=False)
     bad, harmless = checkpoint.compare_configs(resumed_state["config"], run_state, MUST_MATCH)
     if bad:
         raise SystemExit(f"cannot resume {resume_from}: these settings differ from the saved run: " +
@@ -282,7 +312,10 @@ if resume_from:
             p.copy_(q)
     if not use_deepspeed:
         optimizer.load_state_dict(resumed_state["optimizer"])
-    train_data.load_state_dict(resumed_state["data"])
+    try:
+        train_data.load_state_dict(resumed_state["data"])
+    except data.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
     start_step = resumed_state["step"]
     log(f"resumed from {resume_from} at step {start_step}")
     metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
@@ -304,6 +337,7 @@ if use_deepspeed:
         "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 2**31 - 1,
     }
     model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    model.checkpoint_engine = checkpoint.deepspeed_engine(model._config)  # reads files with weights_only=True
     if resume_from:
         model.load_checkpoint(resume_from, tag="deepspeed", load_module_strict=True)
 elif is_dist:
@@ -341,9 +375,21 @@ def eval_path(step):
     return os.path.join(run_dir, "eval_results", f"step_{step}.json")
 
 
+def stop(reason):
+    """End a run that cannot go on, naming the checkpoint it can be resumed from."""
+    link = os.path.join(checkpoint.checkpoints_dir(run_dir), "latest")
+    last = os.path.realpath(link) if os.path.lexists(link) else None
+    msg = (f"{reason}; stopping. The last good checkpoint is {last}: lower lr (or check the data) and run again "
+           f"to resume from it." if last else f"{reason}; stopping, with no checkpoint saved.")
+    log(msg, console=False)  # the console gets it once, from SystemExit
+    raise SystemExit(msg)
+
+
 def save_checkpoint(step):
     """Model (Hugging Face format), tokenizer and training state into step_<step>, atomically."""
     t0 = time.time()
+    if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
+        stop(f"step {step}: the weights hold NaN or inf, so they are not saved")
     tmp = [checkpoint.begin(run_dir, step) if master else None]
     if is_dist:
         dist.broadcast_object_list(tmp)
@@ -382,6 +428,7 @@ def save_checkpoint(step):
                    os.path.join(tmp, "training_state.pt"))
     barrier()
     if master:
+        checkpoint.write_manifest(tmp, step)  # every file's size and sha256, checked before it is loaded
         if uploader:  # queued before the folder is sealed: a crash in between loses no upload
             uploader.enqueue(run_dir, step, checkpoint.step_dir(run_dir, step), tmp, os.path.exists(eval_path(step)))
         checkpoint.commit(run_dir, step, tmp)
@@ -419,46 +466,57 @@ while True:
     step_lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
+    try:
+        batches = train_data.next_batch()
+    except data.DataError as e:
+        raise SystemExit(f"data error in the batch of step {step + 1}: {e}") from None
     loss_sum = torch.zeros((), device=device)
-    for micro_step, (x, y) in enumerate(train_data.next_batch()):
+    for micro_step, (x, y) in enumerate(batches):
+        last_micro_step = micro_step == gradient_accumulation_steps - 1
         if is_dist and not use_deepspeed:
             # DDP all-reduces gradients during backward; only the last micro-step needs it
-            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            model.require_backward_grad_sync = last_micro_step
         with autocast:
             _, loss = model(x, y)
         loss_sum += loss.detach()
         if use_deepspeed:
             model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            model.step()  # the ZeRO-2 optimizer steps (and clips) only at the accumulation boundary
+            if not last_micro_step:
+                model.step()  # before the boundary DeepSpeed only counts the micro-step; the optimizer steps below
         else:
             # each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps
             # (and DDP's average over ranks) makes the gradient the mean over the whole global batch
             (loss / gradient_accumulation_steps).backward()
+    grad_norm = torch.zeros((), device=device)  # DeepSpeed computes (and clips) it inside its step
     if not use_deepspeed:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # one host sync per optimizer step: the global mean loss and the gradient norm, checked before
+    # the step is applied, so a diverged step never reaches the weights or a checkpoint
+    step_loss, norm = torch.stack([all_ranks_sum(loss_sum / gradient_accumulation_steps) / world_size,
+                                   grad_norm.float()]).tolist()
+    if not (math.isfinite(step_loss) and math.isfinite(norm)):
+        stop(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
+    if use_deepspeed:
+        skipped = model.skipped_steps
+        model.step()  # the ZeRO-2 optimizer step: it clips, and skips a step whose gradient is not finite
+        norm = float(model.get_global_grad_norm() or 0.0)
+        if model.skipped_steps > skipped:
+            stop(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")
+    else:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    else:
-        grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
     step += 1
-
-    # one host sync per optimizer step: the global mean loss, checked before anything is saved
-    step_loss = (all_ranks_sum(loss_sum / gradient_accumulation_steps) / world_size).item()
-    if not math.isfinite(step_loss):
-        log(f"step {step}: loss is {step_loss}; stopping. The last good checkpoint is "
-            f"{checkpoint.latest(run_dir)}; lower lr or check the data before resuming.")
-        raise SystemExit(f"non-finite loss ({step_loss}) at step {step}")
     steps_since_log += 1
     if step % log_every_n_steps == 0 or step == max_steps:
         now = time.time()
         tok_s = steps_since_log * tokens_per_step / (now - t_last)
-        row = {"step": step, "loss": step_loss, "lr": step_lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+        row = {"step": step, "loss": step_loss, "lr": step_lr, "grad_norm": norm, "tokens_per_s": tok_s}
         mfu = ""
         if peak_flops:
             row["mfu"] = flops_per_token * tok_s / (peak_flops * world_size)
             mfu = f", MFU {row['mfu']:.1%}"
         eta = (now - t_start) / (step - start_step) * (max_steps - step)
-        log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {float(grad_norm):.3f} | "
+        log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {norm:.3f} | "
             f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
         log_metrics(row)
         t_last, steps_since_log = now, 0

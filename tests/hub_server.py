@@ -20,6 +20,7 @@ class HubState:
         self.lock = threading.Lock()
         self.requests = []  # (method, path) of every request, for assertions
         self.collections = {}  # slug -> [item ids]
+        self.echo_token = False  # refuse every request with 403, echoing the Authorization header (a leaky server)
 
     def new_commit(self, repo, parent, title, files):
         cid = hashlib.sha1(f"{len(repo['commits'])}{title}{time.time_ns()}".encode()).hexdigest()
@@ -68,6 +69,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n else b""
 
     def authorized(self):
+        if self.state.echo_token:
+            self.error(403, f"Forbidden: no write access for Authorization: {self.headers.get('Authorization', '')}")
+            return False
         if self.headers.get("Authorization", "") == "Bearer bad":
             self.error(401, "Invalid credentials in Authorization header")
             return False
@@ -314,6 +318,19 @@ class HubServer:
         repo = self.state.repos[repo_id]
         cid = self.state.resolve(repo, rev)
         return {p: self.state.blobs[o] for p, o in repo["commits"][cid]["files"].items()}
+
+    def plant(self, repo_id, branch, title, files):
+        """Commit files ({repo path: bytes}) to a branch directly, as the owner of a hostile or
+        damaged repository could."""
+        with self.state.lock:
+            repo = self.state.repos[repo_id]
+            parent = repo["branches"][branch]
+            tree = dict(repo["commits"][parent]["files"])
+            for path, data in files.items():
+                oid = hashlib.sha256(data).hexdigest()
+                self.state.blobs[oid] = data
+                tree[path] = oid
+            repo["branches"][branch] = self.state.new_commit(repo, parent, title, tree)
 
     def titles(self, repo_id, branch):
         repo, out = self.state.repos[repo_id], []

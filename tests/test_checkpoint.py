@@ -104,14 +104,6 @@ def test_damaged_checkpoint_is_reported_not_loaded(tmp_path):
     assert proc.returncode != 0 and "is incomplete" in proc.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    proc = run_train(tmp_path, "--run_name=nan", "--max_steps=6", "--lr=1e30", "--grad_clip=0", check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr, proc.stderr[-1000:]
-    latest = os.readlink(tmp_path / "nan" / "checkpoints" / "latest")
-    bad_step = int(proc.stderr.split("at step ")[-1].split()[0])
-    assert int(latest.split("_")[1]) < bad_step
-
-
 def test_deepspeed_zero2_matches_single_process_and_resumes(tmp_path):
     pytest.importorskip("deepspeed")
     run_train(tmp_path, "--run_name=plain", *STRAIGHT)

@@ -72,7 +72,7 @@ def test_capture_matches_plain_forward_and_backward(tmp_path):
             assert rel_err(grads[name], ref_grads[name]) <= 1e-5, (split, name)
             assert torch.equal(w[name], dict(fresh.named_modules())[name].weight.detach())
     # the train rows are the rows step 3 trains on: the data position saved at step 2
-    state = torch.load(step_dir / "training_state.pt", weights_only=False)
+    state = torch.load(step_dir / "training_state.pt", weights_only=True)
     stream = data.TrainStream("data/demo", 64, 50304, 8, 4)
     stream.load_state_dict(state["data"])
     assert np.array_equal(stream.peek_global_batch(), train_rows)

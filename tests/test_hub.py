@@ -2,6 +2,8 @@
 commit titles and files per step, step lookup and download at a commit, outages, kill -9 during
 uploads, a bad token, and a pico-analyze-style read of a run fetched back from the Hub."""
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +156,65 @@ def test_bad_token_is_reported_once_and_training_goes_on(tmp_path, hub):
     push = run_hub_cli(hub, "push", str(tmp_path / "badtoken"))
     assert push.returncode == 0, push.stdout + push.stderr
     assert [t for t, _ in hub.titles(REPO, "badtoken")][1:] == expected_titles([0, 2, 4], final=4)
+
+
+def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
+    from test_trust import plant_pickle
+    run_train(tmp_path, *hub_args("shared"), "--max_steps=2", env=hub.env)
+    local = tmp_path / "shared" / "checkpoints" / "step_2"
+    elsewhere = tmp_path / "elsewhere" / "shared"
+
+    def restore():
+        proc = run_hub_cli(hub, "restore", REPO, "--branch", "shared", "--step", "2", "--run-dir", str(elsewhere))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not os.path.exists(elsewhere / "checkpoints" / "step_2")  # nothing sealed, nothing left half-done
+        assert not [n for n in os.listdir(elsewhere / "checkpoints") if n.endswith(".tmp")]
+        return proc.stderr.strip().splitlines()[-1]
+
+    # 1. flipped bytes (same size) in the model on the Hub: the uploaded manifest catches them
+    raw = bytearray((local / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    hub.plant(REPO, "shared", "Saving HF Model -- Step 2", {"model.safetensors": bytes(raw)})
+    assert "model.safetensors has the right size but not the content" in restore()
+    hub.plant(REPO, "shared", "Saving HF Model -- Step 2", {"model.safetensors": (local / "model.safetensors").read_bytes()})
+
+    # 2. a path that climbs out of the target folder: refused before anything is downloaded
+    outside = tmp_path / "escaped.txt"
+    climb = "training_state/" + "../" * (len(outside.parents) + 2) + str(outside).lstrip("/")
+    hub.plant(REPO, "shared", "Saving Fabric Checkpoint -- Step 2", {climb: b"written outside"})
+    line = restore()
+    assert "refusing the repository file" in line and "outside" in line, line
+    assert not outside.exists()
+    proc = run_hub_cli(hub, "download", REPO, "--branch", "shared", "--step", "2", "--what", "state",
+                       "--out", str(tmp_path / "dl"))
+    assert proc.returncode != 0 and "refusing the repository file" in proc.stderr and not outside.exists()
+
+    # 3. a training state whose pickle runs a command, with the manifest fixed up to match
+    repo = hub.state.repos[REPO]
+    del repo["commits"][repo["branches"]["shared"]]["files"][climb]
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "training_state.pt"
+    plant_pickle(evil, marker)
+    manifest = json.loads((local / "manifest.json").read_text())
+    manifest["files"]["training_state.pt"] = {"bytes": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+    hub.plant(REPO, "shared", "Saving Fabric Checkpoint -- Step 2", {
+        "training_state/training_state.pt": evil.read_bytes(),
+        "training_state/manifest.json": json.dumps(manifest).encode()})
+    line = restore()
+    assert "refusing to load" in line and "training_state.pt" in line and not marker.exists(), line
+
+
+def test_no_hub_command_prints_the_token(tmp_path, hub):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "training_config.yaml").write_text(f"checkpointing:\n  hf_repo_id: {REPO}\n  run_name: leaky\n")
+    hub.state.echo_token = True  # every answer is a 403 that repeats the Authorization header
+    token = hub.env["HF_TOKEN"]
+    for args in (["list", REPO, "--branch", "leaky"],
+                 ["download", REPO, "--branch", "leaky", "--step", "0", "--out", str(tmp_path / "dl")],
+                 ["restore", REPO, "--branch", "leaky", "--step", "0", "--run-dir", str(tmp_path / "re")],
+                 ["push", str(run)]):
+        proc = run_hub_cli(hub, *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "403" in out and "Authorization: Bearer ***" in out, (args, out[-2000:])
+        assert token not in out and "Traceback" not in out, (args, out[-2000:])

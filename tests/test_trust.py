@@ -1,0 +1,226 @@
+"""Checkpoints you can trust: a planted pickle never runs (training state and DeepSpeed files),
+a diverged step is never applied or saved, flipped bytes are caught, auto_resume=False keeps the
+old run, and bad settings, checkpoints and data files get one clear line before any work."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+from helpers import ROOT, metrics, run_train
+
+
+def plant_pickle(path, marker):
+    """Replace a torch.save file by one whose unpickling runs a shell command (it creates marker)."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"step": 2, "payload": Payload()}, path)
+
+
+def refresh_manifest(step_dir):
+    """Fix up the manifest after files were replaced, as an attacker who edits a run folder would
+    (by hand, in whichever format it has: sizes only before sha256 was added)."""
+    path = os.path.join(step_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for name, entry in manifest["files"].items():
+        raw = open(os.path.join(step_dir, name), "rb").read()
+        manifest["files"][name] = len(raw) if isinstance(entry, int) else \
+            {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def last_line(proc):
+    """The one line a failed run ends with; and there is no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """One finished run (steps 0 and 2) that each test copies and then damages."""
+    runs = tmp_path_factory.mktemp("base")
+    run_train(runs, "--run_name=r", "--max_steps=2")
+    return runs / "r"
+
+
+def copy_run(base_run, tmp_path):
+    shutil.copytree(base_run, tmp_path / "r", symlinks=True)
+    return tmp_path / "r" / "checkpoints"
+
+
+def test_a_planted_pickle_in_the_training_state_never_runs(base_run, tmp_path):
+    ckpt = copy_run(base_run, tmp_path)
+    marker = tmp_path / "pwned"
+    plant_pickle(ckpt / "step_2" / "training_state.pt", marker)
+    refresh_manifest(ckpt / "step_2")
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    line = last_line(proc)
+    assert "refusing to load" in line and "training_state.pt" in line and "posix.system" in line, line
+    # the loader itself refuses, without the scan in front of it
+    with pytest.raises(checkpoint.CheckpointError, match="could run code"):
+        checkpoint.load_state(ckpt / "step_2" / "training_state.pt")
+    assert not marker.exists()
+
+
+def test_a_planted_pickle_in_deepspeed_files_never_runs(tmp_path):
+    pytest.importorskip("deepspeed")
+    run_train(tmp_path, "--run_name=ds", "--max_steps=2", "--backend=deepspeed", "--gradient_accumulation_steps=1")
+    step2 = tmp_path / "ds" / "checkpoints" / "step_2"
+    optim = step2 / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    engine = checkpoint.deepspeed_engine(None)
+    assert engine.load(str(optim))["optimizer_state_dict"] is not None  # the genuine file passes the allow-list
+    marker = tmp_path / "pwned"
+    for name in ("mp_rank_00_model_states.pt", optim.name):
+        plant_pickle(step2 / "deepspeed" / name, marker)
+        with pytest.raises(checkpoint.CheckpointError, match="could run code"):
+            engine.load(str(step2 / "deepspeed" / name))  # DeepSpeed's own load path, made safe
+    refresh_manifest(step2)
+    proc = run_train(tmp_path, "--run_name=ds", "--max_steps=4", "--backend=deepspeed",
+                     "--gradient_accumulation_steps=1", check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    line = last_line(proc)
+    assert "refusing to load" in line and "mp_rank_00_model_states.pt" in line, line
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_a_diverged_step_is_never_applied_or_saved(tmp_path, backend):
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    # lr 1e6: step 1 takes the weights far off (finite), step 2's gradient is NaN. Today's main
+    # applies step 2 and saves its NaN weights as step_2, the `latest` a resume fails on again.
+    args = ["--run_name=nan", "--max_steps=6", "--save_every_n_steps=2", f"--backend={backend}"]
+    proc = run_train(tmp_path, *args, "--lr=1e6", check=False)
+    assert proc.returncode != 0
+    line = last_line(proc)
+    ckpt = tmp_path / "nan" / "checkpoints"
+    assert "not finite, so the step was not applied" in line and "The last good checkpoint is" in line, line
+    assert line.startswith("step 2: loss "), line
+    assert line.split("The last good checkpoint is ")[1].startswith(str(ckpt / "step_0") + ":")
+    assert os.readlink(ckpt / "latest") == "step_0" and checkpoint.saved_steps(tmp_path / "nan") == [0]
+    for name, w in load_file(ckpt / "step_0" / "model.safetensors").items():
+        assert torch.isfinite(w).all(), name
+    # it resumes from there with a sane learning rate and finishes
+    proc = run_train(tmp_path, *args, "--lr=1e-3")
+    assert f"resumed from {ckpt / 'step_0'}" in proc.stdout
+    assert os.readlink(ckpt / "latest") == "step_6"
+
+
+def test_flipped_bytes_of_the_same_size_are_detected(base_run, tmp_path):
+    ckpt = copy_run(base_run, tmp_path)
+    model_file = ckpt / "step_2" / "model.safetensors"
+    raw = bytearray(model_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    model_file.write_bytes(bytes(raw))
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", check=False)
+    assert proc.returncode != 0
+    line = last_line(proc)
+    assert "model.safetensors has the right size but not the content" in line and "ln -sfn step_0" in line, line
+
+
+def test_auto_resume_false_keeps_the_old_run(base_run, tmp_path):
+    copy_run(base_run, tmp_path)
+    before = (tmp_path / "r" / "logs" / "metrics.jsonl").read_text()
+    weights_before = (tmp_path / "r" / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=1", "--auto_resume=False")
+    kept = tmp_path / "r.set-aside-1"
+    assert f"kept, untouched, in {kept}" in proc.stdout
+    assert (kept / "logs" / "metrics.jsonl").read_text() == before
+    assert (kept / "checkpoints" / "step_2" / "model.safetensors").read_bytes() == weights_before
+    assert [m["step"] for m in metrics(tmp_path, "r") if "loss" in m] == [1]  # a fresh log, not appended
+    assert checkpoint.saved_steps(tmp_path / "r") == [0, 1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size=0"], "batch_size must be a number of at least 1, got 0"),
+    (["--batch_size=-8"], "batch_size must be a number of at least 1, got -8"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be a number of at least 1, got 0"),
+    (["--save_every_n_steps=0"], "save_every_n_steps must be a number of at least 1, got 0"),
+    (["--log_every_n_steps=0"], "log_every_n_steps must be a number of at least 1, got 0"),
+    (["--eval_batch_size=0"], "eval_batch_size must be a number of at least 1, got 0"),
+    (["--learning_dynamics_batch_size=0"], "learning_dynamics_batch_size must be a number of at least 1, got 0"),
+    (["--eval_max_rows=0"], "eval_max_rows must be a number of at least 1, got 0 (None: the whole evaluation set)"),
+    (["--max_steps=-1"], "max_steps must be a number of at least 0, got -1 (the run's length in optimizer steps)"),
+    (["--lr", "1e-3"], "--lr has no value; write it with '=', as --lr=1e-3"),
+    (["config/dem0.py"], "no config file 'config/dem0.py' (settings are written --key=value)"),
+    (["--lr_scheduler=step"], "lr_scheduler must be 'linear_with_warmup' or 'cosine', got 'step'"),
+])
+def test_bad_settings_get_one_line_before_anything_is_made(tmp_path, args, message):
+    proc = run_train(tmp_path, "--run_name=bad", *args, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == f"config error: {message}", proc.stderr[-2000:]
+    assert not os.listdir(tmp_path)  # no run folder
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("latest_missing", "latest points at step_9, which does not exist; point it at an earlier checkpoint "
+                       "(steps here: 0, 2), e.g. `ln -sfn step_2"),
+    ("latest_file", "latest is a regular file, not a link to a step_<N> folder"),
+    ("manifest_json", "step_2/manifest.json is not a valid manifest (JSONDecodeError"),
+])
+def test_bad_checkpoint_files_are_named(base_run, tmp_path, damage, message):
+    ckpt = copy_run(base_run, tmp_path)
+    if damage == "latest_missing":
+        os.remove(ckpt / "latest")
+        os.symlink("step_9", ckpt / "latest")
+    elif damage == "latest_file":
+        os.remove(ckpt / "latest")
+        (ckpt / "latest").write_text("step_2\n")
+    else:
+        (ckpt / "step_2" / "manifest.json").write_text('{"step": 2, "files": {')
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", check=False)
+    assert proc.returncode != 0 and "checkpoint saved" not in proc.stdout
+    assert message in last_line(proc), last_line(proc)
+
+
+def write_ids(path, ids, kind=pa.int32()):
+    pq.write_table(pa.table({"input_ids": pa.array(ids, type=pa.list_(kind))}), path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "train.parquet: the file is empty (0 bytes)"),
+    ("not_parquet", "train.parquet: not a parquet file"),
+    ("strings", "input_ids has type string, expected lists of integer token ids (text must be tokenized first"),
+    ("floats", "double>, expected lists of integer token ids"),
+    ("typo", "data/dem0: no such file or folder in data/ (did you mean data/demo?)"),
+])
+def test_bad_data_files_are_named_before_any_work(tmp_path, case, message):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    if case == "empty":
+        (folder / "train.parquet").write_bytes(b"")
+    elif case == "not_parquet":
+        (folder / "train.parquet").write_text("In the beginning God created the heaven and the earth.\n")
+    elif case == "strings":
+        pq.write_table(pa.table({"input_ids": ["In the beginning"]}), folder / "train.parquet")
+    elif case == "floats":
+        write_ids(folder / "train.parquet", [[float(i) for i in range(65)]], pa.float64())
+    name = "data/dem0" if case == "typo" else str(folder)
+    proc = run_train(tmp_path, "--run_name=data", f"--dataset_name={name}", check=False,
+                     env={"HF_HUB_OFFLINE": "0"} if case == "typo" else None)
+    assert proc.returncode != 0 and "step 0" not in proc.stdout
+    line = last_line(proc)
+    assert line.startswith("data error: ") and message in line, line
+    assert not os.path.exists(tmp_path / "data" / "checkpoints")
+
+
+def test_a_bad_row_mid_run_names_the_step(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    good = pq.read_table(os.path.join(ROOT, "data", "demo", "train.parquet")).slice(0, 1)
+    pq.write_table(good.select(["input_ids"]), folder / "train-00000.parquet")  # 32 sequences of 64: 4 steps
+    write_ids(folder / "train-00001.parquet", [[7] * 100 + [50304] + [7] * 1948])
+    proc = run_train(tmp_path, "--run_name=midrun", f"--dataset_name={folder}", "--max_steps=6",
+                     "--save_every_n_steps=10", check=False)
+    assert proc.returncode != 0 and "step 4/6" in proc.stdout
+    line = last_line(proc)
+    assert line.startswith("data error in the batch of step 5: ") and "train-00001.parquet row 0: token id 50304" in line
