@@ -11,6 +11,7 @@ layout of training_config.yaml that pico-train (and pico-analyze) use.
 import ast
 import difflib
 import os
+import textwrap
 
 TYPES = (bool, int, float, str, list, type(None))
 
@@ -62,6 +63,10 @@ def configure(argv, settings):
     """Apply config files and --key=value overrides, in order, to the dict `settings` (train.py's
     globals()); only names that already exist there can be set."""
     names = setting_names(settings)
+    defaults = {k: settings[k] for k in names}  # types are checked against these, whatever set a value before
+    if "--help" in argv or "-h" in argv:
+        print_help(settings["__file__"])
+        raise SystemExit(0)
     for i, arg in enumerate(argv):
         if arg.startswith("--") and "=" not in arg:
             example = f"--{arg[2:]}={argv[i + 1]}" if i + 1 < len(argv) else f"{arg}=VALUE"
@@ -77,7 +82,7 @@ def configure(argv, settings):
                     continue  # imports, helpers
                 if key not in names:
                     raise unknown(key, names)
-                settings[key] = check_type(key, value, settings[key])
+                settings[key] = check_type(key, value, defaults[key])
             continue
         key, _, text = arg[2:].partition("=")
         if key not in names:
@@ -86,12 +91,33 @@ def configure(argv, settings):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare string: --run_name=demo
-        if isinstance(settings[key], list) and isinstance(value, str):
+        if isinstance(defaults[key], list) and isinstance(value, str):
             value = [v for v in value.split(",") if v]  # --layer_suffixes=a,b (empty: none)
-        if isinstance(settings[key], str) and isinstance(value, (int, float)):
+        if isinstance(defaults[key], str) and isinstance(value, (int, float)):
             value = text  # --run_name=2024 stays a string
-        settings[key] = check_type(key, value, settings[key])
+        settings[key] = check_type(key, value, defaults[key])
     return names
+
+
+def print_help(script):
+    """Every setting with its default and comment, grouped as the script declares them (the block
+    between its first two `# ----` lines is printed as it stands)."""
+    with open(script) as f:
+        block = f.read().split("# " + "-" * 77 + "\n")[1]
+    print(f"usage: python {os.path.basename(script)} [config/<file>.py ...] [--key=value ...]\n"
+          f"       torchrun --nproc_per_node=N {os.path.basename(script)} [the same]\n\n"
+          f"Config files (plain assignments) and --key=value overrides apply in order; each value must have "
+          f"the type of its default.\nThe settings and their defaults:\n")
+    print(block.rstrip())
+
+
+def describe(config):
+    """The settings as a person reads them: a few lines per section of training_config.yaml."""
+    lines = []
+    for section, keys in YAML_SECTIONS.items():
+        text = ", ".join(f"{k}={config[k]!r}" if isinstance(config[k], str) else f"{k}={config[k]}" for k in keys.split())
+        lines += textwrap.wrap(text, 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4))
+    return "\n".join(lines)
 
 
 def nested(config):

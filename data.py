@@ -56,10 +56,14 @@ class DataError(ValueError):
     """A problem with the data itself (a bad row, a missing column, an unreachable dataset)."""
 
 
+class MissingSplit(DataError):
+    """The dataset has no files (or table) for the split asked for."""
+
+
 # ----------------------------------------------------------------------------------------------
 # shards: where rows come from
 
-def _retry(fn, what, attempts=6, base_delay=1.0):
+def _retry(fn, what, attempts=6, base_delay=1.0, hint="Check the network or use a local copy of the data."):
     """Call fn(); retry transient network failures with exponential backoff, logging each one.
     Permanent failures (no such repo/file, no access) are raised at once."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, EntryNotFoundError
@@ -69,13 +73,16 @@ def _retry(fn, what, attempts=6, base_delay=1.0):
             return fn()
         except (RepositoryNotFoundError, EntryNotFoundError, FileNotFoundError):
             raise
-        except (HfHubHTTPError, OSError) as e:  # OSError covers connection resets and timeouts
+        except Exception as e:  # noqa: BLE001 - sorted below
+            # no answer at all (refused, reset, timed out: OSError, or the HTTP client's
+            # TransportError), a 5xx or a 429 is worth retrying; any other answer is not
+            no_answer = isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)
             status = getattr(getattr(e, "response", None), "status_code", None)
-            if status is not None and status < 500 and status != 429:
-                raise  # 401/403/404...: retrying will not help
+            if not (no_answer or isinstance(e, HfHubHTTPError)) or (status is not None and status < 500 and status != 429):
+                raise  # 401/403/404, a bug, a bad argument: retrying will not help
             if attempt == attempts:
                 raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
-                                f"{e}). Check the network or use a local copy of the data.") from e
+                                f"{e}). {hint}") from e
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s failed (%s: %s); retry %d/%d in %.0fs", what, type(e).__name__, e,
                         attempt, attempts - 1, delay)
@@ -162,14 +169,16 @@ def _matches_split(relpath, split):
     return any(p == split or re.match(rf"{re.escape(split)}([-_.]|$)", p) for p in parts)
 
 
-def _pick_split(paths, split, where):
+def _pick_split(paths, split, where, strict=False):
     if split is None:
         return paths
     chosen = [p for p in paths if _matches_split(p, split)]
     if chosen:
         return chosen
+    if strict:
+        raise MissingSplit(f"{where}: no files for split {split!r}")
     if any(_matches_split(p, s) for p in paths for s in ("train", "validation", "val", "test")):
-        raise DataError(f"{where}: no files for split {split!r} among {paths[:6]}")
+        raise MissingSplit(f"{where}: no files for split {split!r} among {paths[:6]}")
     return paths  # no split naming at all: the whole dataset is the one split
 
 
@@ -182,10 +191,11 @@ def is_local(name):
     return os.path.exists(name) or any(c in name for c in "*?[") or name.startswith((".", "/", "~"))
 
 
-def open_shards(name, split=None):
+def open_shards(name, split=None, strict=False):
     """Resolve a dataset name into an ordered list of shards.
     name: a local folder of parquet files, a glob of them, a Dataset.save_to_disk folder, or a
-    Hugging Face Hub dataset id (e.g. pico-lm/pretokenized-dolma)."""
+    Hugging Face Hub dataset id (e.g. pico-lm/pretokenized-dolma). A dataset whose files name no
+    split at all is the one split of itself, unless strict."""
     if is_local(name):
         # a local path never needs the network; without this, datasets and huggingface_hub would
         # still try DNS lookups
@@ -197,13 +207,15 @@ def open_shards(name, split=None):
             ds = datasets.load_from_disk(path)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError(f"{name}: split {split!r} not found; splits: {list(ds)}")
+                    raise MissingSplit(f"{name}: split {split!r} not found; splits: {list(ds)}")
                 ds = ds[split]
+            elif strict and split:
+                raise MissingSplit(f"{name}: a single Dataset, with no split {split!r}")
             return [TableShard(name, ds.data.table)]
         if os.path.isdir(path):
             files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
             rel = [os.path.relpath(f, path) for f in files]
-            files = [os.path.join(path, r) for r in _pick_split(rel, split, name)]
+            files = [os.path.join(path, r) for r in _pick_split(rel, split, name, strict)]
         else:
             files = sorted(glob.glob(path, recursive=True))
         if not files:
@@ -222,14 +234,37 @@ def open_shards(name, split=None):
                         f"dataset_name at a local folder of parquet files.")
     from huggingface_hub import HfFileSystem
 
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     fs = HfFileSystem()
     root = f"datasets/{name}"
-    files = _retry(lambda: sorted(fs.glob(f"{root}/**/*.parquet")), f"listing files of {name} on the Hub")
+    no_network = (f"Could not reach the Hugging Face Hub at {constants.ENDPOINT}: is there no network? Train on "
+                  f"the embedded corpus (python train.py config/demo.py), point dataset_name at a local folder "
+                  f"of parquet files, or set HF_HUB_OFFLINE=1 to say you are offline.")
+    try:  # the first contact with the Hub: no network shows here, so three tries (3 s), not six
+        files = _retry(lambda: sorted(fs.glob(f"{root}/**/*.parquet")), f"listing files of {name} on the Hub",
+                       3, hint=no_network)
+    except (RepositoryNotFoundError, FileNotFoundError):
+        raise DataError(f"{name}: no such dataset on the Hugging Face Hub ({constants.ENDPOINT}), and no "
+                        f"local file or folder of that name") from None
     rel = [f[len(root) + 1:] for f in files]
-    files = [f"{root}/{r}" for r in _pick_split(rel, split, name)]
+    files = [f"{root}/{r}" for r in _pick_split(rel, split, name, strict)]
     if not files:
         raise DataError(f"{name}: the Hub dataset has no parquet files")
     return [ParquetShard(f, fs) for f in files]
+
+
+def held_out_split(name):
+    """The split of a dataset held out for evaluation: 'validation' or 'val', whichever it has."""
+    for split in ("validation", "val"):
+        try:
+            open_shards(name, split, strict=True)
+            return split
+        except MissingSplit:
+            pass
+    raise DataError(f"{name} has no 'validation' (or 'val') split to evaluate on: make one with `python data.py "
+                    f"tokenize ... --val-every 20`, or set eval_dataset_name (and eval_dataset_split)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,13 +498,14 @@ def write_corpus(docs, out_dir, tok, val_every=0, row_len=ROW_LEN, source=None):
 
 
 def tokenize_files(paths, out_dir, row_len=ROW_LEN, val_every=0):
-    """Bring your own corpus: each text file is one document, tokenized and packed as dolma was."""
+    """Bring your own corpus: each text file is one document, tokenized and packed as dolma was.
+    Returns (train rows, validation rows)."""
     tok = load_tokenizer()
     docs = []
     for p in paths:
         with open(p, encoding="utf-8") as f:
             docs.append(tok.encode(f.read(), add_special_tokens=False).ids)
-    return write_corpus(docs, out_dir, tok, val_every, row_len)[0]
+    return write_corpus(docs, out_dir, tok, val_every, row_len)
 
 
 def file_sha256(path):
@@ -494,4 +530,8 @@ if __name__ == "__main__":
             path = os.path.join(args.out, f"{split}.parquet")
             print(f"{path}  {file_sha256(path)}  ({pq.ParquetFile(path).metadata.num_rows} rows)")
     else:
-        print(f"{tokenize_files(args.files, args.out, args.row_len, args.val_every)} rows written to {args.out}")
+        n_train, n_val = tokenize_files(args.files, args.out, args.row_len, args.val_every)
+        print(f"{n_train} train rows -> {os.path.join(args.out, 'train.parquet')}")
+        print(f"{n_val} validation rows -> {os.path.join(args.out, 'validation.parquet')}" if n_val else
+              "0 validation rows: nothing held out (--val-every N holds out every n-th file), so set "
+              "eval_dataset_name when you train on it")

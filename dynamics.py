@@ -121,7 +121,10 @@ def load(run_dir, step, split="val"):
         acts, weights, grads = dynamics.load("runs/demo", 100, "val")"""
     folder = os.path.join(checkpoint.step_dir(run_dir, step), "learning_dynamics")
     if not os.path.exists(os.path.join(folder, f"{split}_activations.pt")):
-        have = sorted(f for f in os.listdir(folder)) if os.path.isdir(folder) else []
-        raise FileNotFoundError(f"no {split} learning dynamics in {folder} (found: {have}); "
-                                f"the final step has no 'train' split")
+        name = os.path.join("learning_dynamics", f"{split}_activations.pt")
+        have = [s for s in checkpoint.saved_steps(run_dir)
+                if os.path.exists(os.path.join(checkpoint.step_dir(run_dir, s), name))]
+        raise FileNotFoundError(f"no {split} learning dynamics at step {step} in {run_dir}; the steps that have "
+                                f"them: {', '.join(map(str, have)) or 'none'}"
+                                + (" (a run's final step has no 'train' split: no next batch)" if split == "train" else ""))
     return tuple(torch.load(os.path.join(folder, f"{split}_{kind}.pt"), weights_only=True) for kind in KINDS)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -39,8 +40,8 @@ dataset_name = "pico-lm/pretokenized-dolma"  # a Hub dataset, a folder/glob of p
 dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
 # evaluation
-eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"
-eval_dataset_split = "val"
+eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"  # None: the training data's held-out split
+eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val', whichever the data has)
 eval_every_n_steps = None  # None: whenever a checkpoint is saved; 0: never (but at the end)
 eval_batch_size = 16
 eval_max_rows = None  # None: the whole evaluation set
@@ -72,7 +73,7 @@ grad_clip = 1.0  # 0 disables clipping
 layer_suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 sequence_idx = -1
 learning_dynamics_batch_size = 8
-learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"
+learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"  # None: the evaluation data
 # system
 device = "auto"  # auto: cuda if available, else cpu
 precision = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
@@ -175,21 +176,20 @@ if batch_size % (gradient_accumulation_steps * world_size):
 sub_batch = batch_size // (gradient_accumulation_steps * world_size)
 tokens_per_step = batch_size * max_seq_len
 
-# run folder, logs, the effective config
-if run_name is None:
-    name = [datetime.now().strftime("pico_%Y-%m-%d_%H-%M-%S")]
-    if is_dist:
-        dist.broadcast_object_list(name)
-    run_name = name[0]
-run_dir = os.path.join(runs_dir, run_name)
-config = {k: globals()[k] for k in config_keys}
-set_aside = None  # auto_resume=False starts over, but never over a run: the old one is kept under a new name
-if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
-    os.rename(run_dir, set_aside)
-barrier()
-os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-log_file = open(os.path.join(run_dir, "logs", "train.log"), "a") if master else None
+# the Hub and wandb: their settings are checked now; they start once the run folder exists
+if save_to_hf:
+    if not hf_repo_id:
+        raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
+    if data.hub_offline():
+        raise SystemExit("config error: save_to_hf=True needs the network, but HF_HUB_OFFLINE is set")
+    os.environ["HF_HUB_OFFLINE"] = "0"  # a local dataset would otherwise switch the Hub client offline
+if save_to_wandb and master:
+    import wandb
+    if os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun") and not (
+            os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
+        raise SystemExit("config error: save_to_wandb=True but no wandb key: put `export WANDB_API_KEY=...` in "
+                         ".env, run `wandb login`, or set WANDB_MODE=offline")
+log_file, log_lines = None, []  # logs/train.log opens with the run folder; the lines before it wait here
 
 
 def log(msg, console=True):
@@ -197,61 +197,31 @@ def log(msg, console=True):
         line = f"[{datetime.now():%H:%M:%S}] {msg}"
         if console:
             print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+        log_lines.append(line)
+        if log_file:
+            log_file.write("\n".join(log_lines) + "\n")
+            log_file.flush()
+            log_lines.clear()
 
 
-def log_metrics(row):
-    if master:
-        with open(os.path.join(run_dir, "logs", "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-
-if master:
-    nested = configurator.nested(config)
-    nested["training"]["world_size"] = world_size
-    with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
-        yaml.safe_dump(nested, f, sort_keys=False)
-log(f"run {run_dir}: {world_size} process(es), {device}, {precision}, backend {backend if is_dist else 'single'}; "
+log(f"{world_size} process(es), {device}, {precision}, backend {backend}{'' if is_dist else ' (a world of one)'}; "
     f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
-log("config: " + json.dumps(config))
-if set_aside:
-    log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
-
-uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
-if save_to_hf:
-    if not hf_repo_id:
-        raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
-    if data.hub_offline():
-        raise SystemExit("save_to_hf=True needs the network, but HF_HUB_OFFLINE is set")
-    os.environ["HF_HUB_OFFLINE"] = "0"  # a local dataset would otherwise switch the Hub client offline
-    if master:
-        import hub
-        uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log_fn=log)
-
-wandb_run = None
-if save_to_wandb and master:
-    import wandb
-    if os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun") and not (
-            os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
-        raise SystemExit("save_to_wandb=True but no wandb key: put `export WANDB_API_KEY=...` in .env, "
-                         "run `wandb login`, or set WANDB_MODE=offline")
-    wandb_run = wandb.init(project=wandb_project or None, entity=wandb_entity or None, name=run_name,
-                           id=run_name.replace("/", "-"), resume="allow", dir=run_dir, config=config,
-                           settings=wandb.Settings(init_timeout=60))
 
 # -----------------------------------------------------------------------------
 # model and optimizer
+try:
+    model_config = ModelConfig(d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                               attention_n_heads=attention_n_heads, attention_n_kv_heads=attention_n_kv_heads,
+                               activation_hidden_dim=activation_hidden_dim, norm_eps=norm_eps,
+                               position_emb_theta=position_emb_theta)
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
 torch.manual_seed(seed)
-model_config = ModelConfig(d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                           attention_n_heads=attention_n_heads, attention_n_kv_heads=attention_n_kv_heads,
-                           activation_hidden_dim=activation_hidden_dim, norm_eps=norm_eps,
-                           position_emb_theta=position_emb_theta)
 model = PicoDecoder(model_config).to(device)
 raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
+if layer_suffixes:
+    dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
 # weight decay on the 2-D weights (matrices, embedding) only: decaying the norms' gains pulls them to 0
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -268,16 +238,64 @@ log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} 
 try:
     train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
                                   split=dataset_split, device=device)
+    if eval_dataset_name is None:  # follow the training data: its held-out split
+        eval_dataset_name, eval_dataset_split = dataset_name, data.held_out_split(dataset_name)
     eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
+    learning_dynamics_eval_data = learning_dynamics_eval_data or eval_dataset_name
     dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
     if layer_suffixes:
         dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else data.load_eval_sequences(
             learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split))
 except data.DataError as e:
     raise SystemExit(f"data error: {e}") from None
+eval_set = f"{eval_dataset_name} ({eval_dataset_split})"
+log(f"data: training on {dataset_name} ({dataset_split}), evaluating on {len(eval_seqs)} sequences of {eval_set}"
+    + (f", learning dynamics on {learning_dynamics_eval_data}" if layer_suffixes else ""))
 tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
-if layer_suffixes:
-    dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
+
+# -----------------------------------------------------------------------------
+# the run folder (made only now that every start-up check has passed), logs, the effective config
+if run_name is None:
+    name = [datetime.now().strftime("pico_%Y-%m-%d_%H-%M-%S")]
+    if is_dist:
+        dist.broadcast_object_list(name)
+    run_name = name[0]
+run_dir = os.path.join(runs_dir, run_name)
+config = {k: globals()[k] for k in config_keys}
+set_aside = None  # auto_resume=False starts over, but never over a run: the old one is kept under a new name
+if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
+    os.rename(run_dir, set_aside)
+barrier()
+os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+if master:
+    log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
+    nested = configurator.nested(config)
+    nested["training"]["world_size"] = world_size
+    with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
+        yaml.safe_dump(nested, f, sort_keys=False)
+log(f"run {run_dir}; settings (all of them in training_config.yaml):\n" + configurator.describe(config))
+if set_aside:
+    log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
+
+
+def log_metrics(row):
+    if master:
+        with open(os.path.join(run_dir, "logs", "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
+if save_to_hf and master:
+    import hub
+    uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log_fn=log)
+wandb_run = None
+if save_to_wandb and master:
+    wandb_run = wandb.init(project=wandb_project or None, entity=wandb_entity or None, name=run_name,
+                           id=run_name.replace("/", "-"), resume="allow", dir=run_dir, config=config,
+                           settings=wandb.Settings(init_timeout=60))
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
@@ -438,19 +456,37 @@ def save_checkpoint(step):
 
 # -----------------------------------------------------------------------------
 # the training loop
+signalled = []  # (name, time) of a SIGINT (Ctrl-C) or SIGTERM (a cluster scheduler's warning)
+
+
+def on_signal(signum, frame):
+    """The first signal lets the current optimizer step finish and be saved; the ranks learn of it
+    through that step's all-reduce. A second one (a second later or more: under torchrun one Ctrl-C
+    reaches a worker twice, from the terminal and forwarded) stops at once."""
+    name = signal.Signals(signum).name
+    if not signalled:
+        signalled.append((name, time.time()))
+        log(f"{name}: finishing this step, then saving a checkpoint ({name} again to stop at once)")
+    elif time.time() - signalled[0][1] > 1.0:
+        raise SystemExit(f"{name} again: stopped at once; the run resumes from {checkpoint.checkpoints_dir(run_dir)}/latest")
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
 eval_every = save_every_n_steps if eval_every_n_steps is None else eval_every_n_steps
 step = start_step
 t_start = t_last = time.time()
 steps_since_log = 0
+stop_asked = False  # by a signal on any rank, known to all ranks after the step's all-reduce
 while True:
     last_step = step == max_steps
-    stopping = step == stop_at_step
+    stopping = step == stop_at_step or stop_asked
     t_pause = time.time()
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
         if last_step or (eval_every and step % eval_every == 0):
             results = evaluate()
             log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
-                f"{results['paloma']:.2f} on {results['rows']} sequences")
+                f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
             if master:
                 os.makedirs(os.path.dirname(eval_path(step)), exist_ok=True)
                 with open(eval_path(step), "w") as f:
@@ -491,9 +527,12 @@ while True:
     if not use_deepspeed:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # one host sync per optimizer step: the global mean loss and the gradient norm, checked before
-    # the step is applied, so a diverged step never reaches the weights or a checkpoint
-    step_loss, norm = torch.stack([all_ranks_sum(loss_sum / gradient_accumulation_steps) / world_size,
-                                   grad_norm.float()]).tolist()
+    # the step is applied, so a diverged step never reaches the weights or a checkpoint; and
+    # whether any rank was signalled to stop
+    mean = all_ranks_sum(torch.stack([loss_sum / gradient_accumulation_steps,
+                                      torch.tensor(float(bool(signalled)), device=device)])) / world_size
+    step_loss, signal_share, norm = torch.cat([mean, grad_norm.float().view(1)]).tolist()
+    stop_asked = signal_share > 0
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         stop(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
     if use_deepspeed:
@@ -523,15 +562,18 @@ while True:
 
 # -----------------------------------------------------------------------------
 # the end
-if master and sample_prompt:
+if master and sample_prompt and not stop_asked:
     prompt = torch.tensor([tokenizer.encode(sample_prompt, add_special_tokens=False).ids], device=device)
     torch.manual_seed(seed)
     with autocast:
         out = raw_model.eval().generate(prompt, max_new_tokens=min(60, max_seq_len - prompt.size(1)),
                                         temperature=0.8, top_k=50, eos_token_id=data.EOS_TOKEN_ID)
     log("sample: " + tokenizer.decode(out[0].tolist(), skip_special_tokens=True).replace("\n", " / "))
+if stop_asked and step < max_steps:
+    log(f"stopped at step {step} by a signal, with a checkpoint: run the same command again to continue"
+        + (" (the uploads still queued go first)" if uploader else ""))
 if uploader:
-    uploader.finish(hf_wait_at_end_s)
+    uploader.finish(0 if stop_asked else hf_wait_at_end_s)  # a scheduler's grace period is short
 log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session)")
 if wandb_run is not None:
     wandb_run.finish()

@@ -6,11 +6,10 @@
 # minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 50 and 100); the run
 # ends with a sample continuation of "And God said".
 run_name = "demo"
-dataset_name = "data/demo"
+dataset_name = "data/demo"  # or your own: python data.py tokenize ... --out data/mine --val-every 20
 dataset_split = "train"
-eval_dataset_name = "data/demo"
-eval_dataset_split = "validation"
-learning_dynamics_eval_data = "data/demo"
+eval_dataset_name = None  # the training data's held-out split (data/demo/validation.parquet)
+learning_dynamics_eval_data = None  # the evaluation data
 sample_prompt = "And God said"
 
 # 2049-token rows are read as 8 sequences of 257 tokens

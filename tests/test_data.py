@@ -183,8 +183,8 @@ def test_tokenize_your_own_files(tmp_path):
     for i in range(6):
         docs.append(tmp_path / f"doc{i}.txt")
         docs[-1].write_text(("In the beginning was the word. " * 40) + f"Document {i}.")
-    n = data.tokenize_files([str(d) for d in docs], str(tmp_path / "out"), row_len=129, val_every=3)
-    assert n > 0
+    n_train, n_val = data.tokenize_files([str(d) for d in docs], str(tmp_path / "out"), row_len=129, val_every=3)
+    assert n_train > 0 and n_val > 0
     x, y = TrainStream(str(tmp_path / "out"), 128, 50304, 2, 2).next_batch()[0]
     assert x.shape == (2, 128)
     assert load_eval_sequences(str(tmp_path / "out"), 128, 50304, split="validation").shape[1] == 129

@@ -78,7 +78,7 @@ def test_capture_matches_plain_forward_and_backward(tmp_path):
     assert np.array_equal(stream.peek_global_batch(), train_rows)
     read_like_pico_analyze(step_dir / "learning_dynamics", "train", 2)
     read_like_pico_analyze(step_dir / "learning_dynamics", "val", 2)
-    with pytest.raises(FileNotFoundError, match="no train learning dynamics"):
+    with pytest.raises(FileNotFoundError, match="no train learning dynamics at step 4 .* the steps that have them: 0, 2 "):
         dynamics.load(tmp_path / "dyn", 4, "train")  # the final step has no next batch
 
 
