@@ -204,40 +204,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     50 MB tensor per chunk would cost. Targets equal to -100 are ignored, as in F.cross_entropy."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
-        # h (N, d), weight (V, d), targets (N,). Under autocast the matmuls run in its dtype
-        # (bf16), chosen here explicitly; the softmax and the loss are always fp32.
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        valid = targets != -100
-        weights = valid / valid.sum().clamp(min=1)  # each token's share of the mean
-        targets = targets.masked_fill(~valid, 0)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        with torch.autocast(device, enabled=False):
-            h_, w = h.to(dtype), weight.to(dtype)
-            buffer = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device, dtype=dtype)
-            rows = torch.arange(buffer.size(0), device=h.device)
-            for i in range(0, h.size(0), chunk):
-                hc, tc, wc = h_[i:i + chunk], targets[i:i + chunk], weights[i:i + chunk]
-                n = hc.size(0)
-                z = torch.mm(hc, w.t(), out=buffer[:n]).float()  # logits (n, V)
-                z_max = z.amax(1, keepdim=True)
-                z_target = z.gather(1, tc[:, None])
-                p = z.sub_(z_max).exp_()  # exp(logits - max), in place
-                p_sum = p.sum(1, keepdim=True)
-                loss += ((z_max + p_sum.log() - z_target).squeeze(1) * wc).sum()  # logsumexp - target
-                if need_grad:
-                    g = p.mul_(wc[:, None] / p_sum)  # softmax, weighted
-                    g[rows[:n], tc] -= wc  # minus onehot: d loss / d logits
-                    g = g.to(dtype)
-                    grad_h[i:i + chunk] = g @ w
-                    if g.dtype == grad_w.dtype:
-                        grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
-                    else:
-                        grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
+    def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
+        # grad_enabled: torch.is_grad_enabled() where the caller stands (inside forward it is
+        # always off); without it an evaluation would compute gradients it never uses
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss, _, grad_h, grad_w = head_losses(h, weight, targets, chunk, need_grad)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -245,7 +216,47 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def head_losses(h, weight, targets, chunk, need_grad=False):
+    """The loop behind LinearCrossEntropy: (mean loss, per-token losses (N,), d mean / d h,
+    d mean / d weight), the gradients only if need_grad. h (N, d), weight (V, d), targets (N,).
+    Under autocast the matmuls run in its dtype (bf16), chosen here explicitly; the softmax and
+    the losses are always fp32."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    valid = targets != -100
+    weights = valid / valid.sum().clamp(min=1)  # each token's share of the mean
+    targets = targets.masked_fill(~valid, 0)
+    loss = torch.zeros((), device=h.device, dtype=torch.float32)
+    token_losses = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
+    grad_h = torch.empty_like(h) if need_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+    with torch.no_grad(), torch.autocast(device, enabled=False):
+        h_, w = h.to(dtype), weight.to(dtype)
+        buffer = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device, dtype=dtype)
+        rows = torch.arange(buffer.size(0), device=h.device)
+        for i in range(0, h.size(0), chunk):
+            hc, tc, wc = h_[i:i + chunk], targets[i:i + chunk], weights[i:i + chunk]
+            n = hc.size(0)
+            z = torch.mm(hc, w.t(), out=buffer[:n]).float()  # logits (n, V)
+            z_max = z.amax(1, keepdim=True)
+            z_target = z.gather(1, tc[:, None])
+            p = z.sub_(z_max).exp_()  # exp(logits - max), in place
+            p_sum = p.sum(1, keepdim=True)
+            token_losses[i:i + n] = (z_max + p_sum.log() - z_target).squeeze(1)  # logsumexp - target
+            loss += (token_losses[i:i + n] * wc).sum()
+            if need_grad:
+                g = p.mul_(wc[:, None] / p_sum)  # softmax, weighted
+                g[rows[:n], tc] -= wc  # minus onehot: d loss / d logits
+                g = g.to(dtype)
+                grad_h[i:i + chunk] = g @ w
+                if g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
+                else:
+                    grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
+    return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w
 
 
 class PicoDecoder(nn.Module):
@@ -286,10 +297,12 @@ class PicoDecoder(nn.Module):
         h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
         chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
         if reduction == "none":
+            if not torch.is_grad_enabled():  # evaluation: the same chunked loop, no gradients
+                return None, head_losses(h, w, t, chunk)[1].view(B, T)
             losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
                       for i in range(0, B * T, chunk)]
             return None, torch.cat(losses).view(B, T)
-        return None, LinearCrossEntropy.apply(h, w, t, chunk)
+        return None, LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
