@@ -18,8 +18,8 @@ TYPES = (bool, int, float, str, list, type(None))
 YAML_SECTIONS = {  # pico-analyze reads model.{d_model, attention_n_heads, attention_n_kv_heads} and checkpointing.run_name
     "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim "
              "norm_eps position_emb_theta",
-    "checkpointing": "run_name runs_dir save_every_n_steps auto_resume stop_at_step save_to_hf hf_repo_id "
-                     "hf_collection_slug hf_wait_at_end_s layer_suffixes sequence_idx learning_dynamics_batch_size "
+    "checkpointing": "run_name runs_dir save_every_n_steps save_log_spaced_until auto_resume stop_at_step save_to_hf "
+                     "hf_repo_id hf_collection_slug hf_wait_at_end_s layer_suffixes sequence_idx learning_dynamics_batch_size "
                      "learning_dynamics_eval_data",
     "data": "dataset_name dataset_split tokenizer_path batch_size",
     "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay "

@@ -128,3 +128,162 @@ def load(run_dir, step, split="val"):
                                 f"them: {', '.join(map(str, have)) or 'none'}"
                                 + (" (a run's final step has no 'train' split: no next batch)" if split == "train" else ""))
     return tuple(torch.load(os.path.join(folder, f"{split}_{kind}.pt"), weights_only=True) for kind in KINDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# across checkpoints: per-layer summaries, and `python dynamics.py plot runs/<run>`
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019) of two activation matrices over the same N rows, as
+    pico-analyze defines it: column-centred, ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F); 1 for x with itself."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
+
+
+def summaries(weights, gradients, previous_weights=None, split="val"):
+    """{"<layer>/<what>": number} for one checkpoint: weight norm, relative change from the
+    previous checkpoint's weights, gradient norm of the split. What the plot command draws and
+    wandb logs at each checkpoint."""
+    out = {}
+    for name, w in weights.items():
+        out[f"{name}/weight_norm"] = w.norm().item()
+        if previous_weights is not None:
+            out[f"{name}/weight_rel_change"] = ((w - previous_weights[name]).norm() / previous_weights[name].norm()).item()
+        out[f"{name}/grad_norm_{split}"] = gradients[name].norm().item()
+    return out
+
+
+def layer_table(run_dir):
+    """One row per checkpoint that has `val` dynamics: {"step", "<layer>/weight_norm",
+    "<layer>/weight_rel_change", "<layer>/grad_norm_val", "<layer>/grad_norm_train",
+    "<layer>/cka_to_final"} (the val activations' CKA to the last checkpoint's)."""
+    name = os.path.join("learning_dynamics", "val_activations.pt")
+    steps = [s for s in checkpoint.saved_steps(run_dir)
+             if os.path.exists(os.path.join(checkpoint.step_dir(run_dir, s), name))]
+    if not steps:
+        return []
+    final_acts = load(run_dir, steps[-1], "val")[0]
+    rows, previous = [], None
+    for step in steps:
+        acts, weights, grads = load(run_dir, step, "val")
+        row = {"step": step, **summaries(weights, grads, previous)}
+        if os.path.exists(os.path.join(checkpoint.step_dir(run_dir, step), "learning_dynamics", "train_gradients.pt")):
+            row.update(summaries(*load(run_dir, step, "train")[1:], split="train"))
+        row.update({f"{n}/cka_to_final": linear_cka(a, final_acts[n]) for n, a in acts.items()})
+        rows.append(row)
+        previous = weights
+    return rows
+
+
+def write_csv(path, rows):
+    import csv
+    columns = ["step"] + sorted({k for r in rows for k in r} - {"step"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(run_dir):
+    """PNG figures and the CSV behind each into runs/<run>/plots/, from the run folder alone."""
+    import json
+    import re
+
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    written, notes = [], []
+    metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
+    train = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    train = [r for r in train if "loss" in r]
+    eval_dir = os.path.join(run_dir, "eval_results")
+    evals = []
+    for step in sorted(int(n[5:-5]) for n in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
+                       if re.fullmatch(r"step_\d+\.json", n)):
+        with open(os.path.join(eval_dir, f"step_{step}.json")) as f:
+            evals.append({"step": step, **{k: v for k, v in json.load(f).items() if isinstance(v, float)}})
+    steps = checkpoint.saved_steps(run_dir)
+    log_axis = 1 in steps and 2 in steps  # log-spaced checkpoints: early steps get room
+    def scale(ax):
+        if log_axis:
+            ax.set_xscale("symlog", linthresh=1)  # linear from 0 to 1, logarithmic after
+        ax.set_xlim(left=0)
+
+    by_step = {}
+    for r in train:
+        by_step.setdefault(r["step"], {}).update(train_loss=r["loss"], lr=r["lr"])
+    for e in evals:
+        by_step.setdefault(e["step"], {}).update({f"eval_{k}": v for k, v in e.items() if k != "step"})
+    write_csv(os.path.join(out, "loss.csv"), [{"step": s, **v} for s, v in sorted(by_step.items())])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+        lr_ax = ax1.twinx()
+        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="grey", ls=":", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+    if evals:
+        ax1.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="evaluation loss")
+        ax2.plot([e["step"] for e in evals], [e["paloma"] for e in evals], "o-", color="C2")
+        ax2.set_yscale("log")
+    ax1.set(xlabel="step", ylabel="loss (nats per token)", title="loss")
+    ax1.legend(loc="lower left")
+    ax2.set(xlabel="step", ylabel="paloma (mean per-sequence perplexity)", title="evaluation")
+    for ax in (ax1, ax2):
+        scale(ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=100)
+    plt.close(fig)
+    written += ["loss.png", "loss.csv"]
+
+    table = layer_table(run_dir)
+    if not table:
+        notes.append("no learning dynamics in this run (layer_suffixes was empty?): only the loss plots")
+    else:
+        write_csv(os.path.join(out, "layers.csv"), table)
+        layers = sorted({k.rsplit("/", 1)[0] for k in table[0] if k != "step"},
+                        key=lambda n: (n.split(".", 2)[-1], int(n.split(".")[1])))
+        suffixes = list(dict.fromkeys(n.split(".", 2)[-1] for n in layers))
+        depth = max(int(n.split(".")[1]) for n in layers) or 1
+        panels = [("weight_norm", "weight norm"), ("weight_rel_change", "change since the last checkpoint"),
+                  ("grad_norm", "gradient norm (val -, train --)"), ("cka_to_final", "val activations: CKA to final")]
+        fig, axes = plt.subplots(len(suffixes), len(panels), figsize=(4.2 * len(panels), 3.2 * len(suffixes)), squeeze=False)
+        colour = plt.get_cmap("viridis")
+        for i, suffix in enumerate(suffixes):
+            for j, (what, title) in enumerate(panels):
+                ax = axes[i][j]
+                for name in (n for n in layers if n.endswith(suffix)):
+                    c = colour(int(name.split(".")[1]) / depth)
+                    for key, ls in ((f"{name}/{what}", "-"),) if what != "grad_norm" else \
+                            ((f"{name}/grad_norm_val", "-"), (f"{name}/grad_norm_train", "--")):
+                        points = [(r["step"], r[key]) for r in table if key in r]
+                        if points:
+                            ax.plot(*zip(*points), ls, color=c, marker=".",
+                                    label=f"layer {name.split('.')[1]}" if ls == "-" else None)
+                ax.set(title=title if i == 0 else "", xlabel="step", ylabel=suffix if j == 0 else "")
+                scale(ax)
+            axes[i][0].legend(fontsize="small", title="colour = depth")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "layers.png"), dpi=80)
+        plt.close(fig)
+        written += ["layers.png", "layers.csv"]
+    return [os.path.join(out, w) for w in written], notes
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+    parser = argparse.ArgumentParser(description="Pictures of a run's learning, offline, from its folder alone.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plot", help="write PNG figures and their CSV numbers into runs/<run>/plots/")
+    p.add_argument("run_dir")
+    args = parser.parse_args()
+    if not os.path.isdir(checkpoint.checkpoints_dir(args.run_dir)):
+        raise SystemExit(f"{args.run_dir}: not a run folder (no checkpoints/ in it)")
+    t0 = time.time()
+    files, notes = plot(args.run_dir)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(files)} in {time.time() - t0:.1f}s")

@@ -23,6 +23,7 @@ import configurator
 run_name = None  # None: a timestamped name
 runs_dir = "runs"
 save_every_n_steps = 1000
+save_log_spaced_until = 0  # also save at steps 1, 2, 4, 8, ... up to this one (early learning moves fastest); 0: no
 auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
 stop_at_step = None  # end this session at this step with a checkpoint (job time limits); run again to go on
 # Hugging Face Hub (hub.py)
@@ -101,7 +102,7 @@ config_keys = configurator.configure(sys.argv[1:], globals())
 # settings that cannot work are refused now, one line each, before anything is created or loaded
 for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
                           ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""), ("learning_dynamics_batch_size", 1, ""),
-                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""),
+                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""), ("save_log_spaced_until", 0, ""),
                           ("max_steps", 0, " (the run's length in optimizer steps)"),
                           ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
                           ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)")):
@@ -403,6 +404,9 @@ def stop(reason):
     raise SystemExit(msg)
 
 
+wandb_previous_weights = {}  # the captured layers' weights at the last checkpoint, for their relative change
+
+
 def save_checkpoint(step):
     """Model (Hugging Face format), tokenizer and training state into step_<step>, atomically."""
     t0 = time.time()
@@ -431,6 +435,13 @@ def save_checkpoint(step):
             captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
         log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
             + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s")
+    if wandb_run is not None and captured:  # per-layer numbers, as `python dynamics.py plot` draws them
+        val, summary = captured["val"][1], {}
+        if "train" in captured:
+            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")), split="train"))
+        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
+        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
+        wandb_previous_weights["val"] = val["weights"]
     if master:
         for split, (rows, result) in captured.items():
             dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
@@ -456,6 +467,16 @@ def save_checkpoint(step):
 
 # -----------------------------------------------------------------------------
 # the training loop
+def is_save_step(step):
+    """Checkpoints: step 0, every save_every_n_steps, the powers of two up to save_log_spaced_until
+    (and the end, and a stop)."""
+    return step % save_every_n_steps == 0 or (step <= save_log_spaced_until and step & (step - 1) == 0)
+
+
+def is_eval_step(step):
+    return is_save_step(step) if eval_every_n_steps is None else bool(eval_every_n_steps) and step % eval_every_n_steps == 0
+
+
 signalled = []  # (name, time) of a SIGINT (Ctrl-C) or SIGTERM (a cluster scheduler's warning)
 
 
@@ -473,7 +494,7 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-eval_every = save_every_n_steps if eval_every_n_steps is None else eval_every_n_steps
+
 step = start_step
 t_start = t_last = time.time()
 steps_since_log = 0
@@ -483,7 +504,7 @@ while True:
     stopping = step == stop_at_step or stop_asked
     t_pause = time.time()
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
-        if last_step or (eval_every and step % eval_every == 0):
+        if last_step or is_eval_step(step):
             results = evaluate()
             log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
                 f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
@@ -492,7 +513,7 @@ while True:
                 with open(eval_path(step), "w") as f:
                     json.dump(results, f, indent=2)
             log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
-        if last_step or stopping or step % save_every_n_steps == 0:
+        if last_step or stopping or is_save_step(step):
             save_checkpoint(step)
     if last_step or stopping:
         break

@@ -55,12 +55,14 @@ def run_hub_cli(hub, *args):
 
 
 def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, hub):
-    proc = run_train(tmp_path, *hub_args("pushed"), "--hf_collection_slug=tester/pico-runs-0123", env=hub.env)
+    # with a log-spaced checkpoint (step 1) besides the regular ones (0, 2, 4)
+    proc = run_train(tmp_path, *hub_args("pushed"), "--hf_collection_slug=tester/pico-runs-0123",
+                     "--save_log_spaced_until=1", env=hub.env)
     assert "hub: everything is on" in proc.stdout
     assert hub.state.collections == {"tester/pico-runs-0123": [REPO]}
     assert "hf_dummy_test_token" not in proc.stdout + proc.stderr
     titles = [t for t, _ in hub.titles(REPO, "pushed")][1:]  # after the repo's initial commit
-    assert titles == expected_titles([0, 2, 4], final=4)
+    assert titles == expected_titles([0, 1, 2, 4], final=4)
     root = hub.files(REPO, "pushed")
     assert not [p for p in root if p.startswith("learning_dynamics/train_")]  # stale train files deleted
     assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.yaml",
@@ -71,8 +73,8 @@ def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, h
 
     listing = run_hub_cli(hub, "list", REPO, "--branch", "pushed")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split(":")[0] for line in listing.stdout.splitlines()] == ["step 0", "step 2", "step 4"]
-    for step in (0, 2, 4):  # every step's dynamics, fetched at its commit, equal the bytes on disk
+    assert [line.split(":")[0] for line in listing.stdout.splitlines()] == ["step 0", "step 1", "step 2", "step 4"]
+    for step in (0, 1, 2, 4):  # every step's dynamics, fetched at its commit, equal the bytes on disk
         out = tmp_path / f"dl{step}"
         proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", str(step), "--what", "dynamics", "--out", str(out))
         assert proc.returncode == 0, proc.stderr
