@@ -376,9 +376,10 @@ class TrainStream:
     def peek_global_batch(self):
         """The whole next global batch (batch_size, T + 1), without moving the position."""
         state = self.state_dict()
-        seqs = self._read(self.batch_size)
-        self.load_state_dict(state)
-        return seqs
+        try:
+            return self._read(self.batch_size)
+        finally:
+            self.load_state_dict(state)
 
     def next_batch(self):
         seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch

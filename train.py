@@ -431,8 +431,11 @@ def save_checkpoint(step):
                     full_weight=deepspeed.utils.safe_get_full_fp32_param if use_deepspeed else None)
         captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args))
         if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
-            rows = train_data.peek_global_batch()
-            captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
+            try:
+                rows = train_data.peek_global_batch()
+                captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
+            except data.DataError:  # this checkpoint stays good; the next step stops, naming the row
+                log(f"step {step}: no train learning dynamics: the batch of step {step + 1} is bad")
         log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
             + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s")
     if wandb_run is not None and captured:  # per-layer numbers, as `python dynamics.py plot` draws them

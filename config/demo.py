@@ -1,10 +1,11 @@
 # The demo: a small pico-decoder trained on the embedded corpus (the King James Bible, tokenized
 # with the OLMo tokenizer) on a CPU, with no network.
 #   python train.py config/demo.py
-#   torchrun --standalone --nproc_per_node=2 train.py config/demo.py      (or 4)
-# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 2.5
-# minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 50 and 100); the run
-# ends with a sample continuation of "And God said".
+#   torchrun --standalone --nproc_per_node=2 train.py config/demo.py --run_name=demo2   (or 4 processes)
+# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 3.5
+# minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 1, 2, 4, 8, 16, 32, 50
+# and 100); the run ends with a sample continuation of "And God said". Then draw it:
+#   python dynamics.py plot runs/demo
 run_name = "demo"
 dataset_name = "data/demo"  # or your own: python data.py tokenize ... --out data/mine --val-every 20
 dataset_split = "train"

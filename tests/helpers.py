@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["config/demo.py", "--d_model=32", "--n_layers=2", "--attention_n_heads=2", "--attention_n_kv_heads=1",
         "--activation_hidden_dim=64", "--max_seq_len=64", "--batch_size=8", "--gradient_accumulation_steps=2",
         "--max_steps=4", "--save_every_n_steps=2", "--log_every_n_steps=1", "--eval_max_rows=1",
-        "--lr_warmup_steps=2", "--sample_prompt=", "--learning_dynamics_batch_size=4"]
+        "--lr_warmup_steps=2", "--sample_prompt=", "--learning_dynamics_batch_size=4",
+        "--save_log_spaced_until=0"]
 
 
 def run_train(runs_dir, *args, nproc=1, check=True, env=None, timeout=300):

@@ -220,8 +220,14 @@ def test_a_bad_row_mid_run_names_the_step(tmp_path):
     pq.write_table(good.select(["input_ids"]), folder / "train-00000.parquet")  # 32 sequences of 64: 4 steps
     write_ids(folder / "train-00001.parquet", [[7] * 100 + [50304] + [7] * 1948])
     proc = run_train(tmp_path, "--run_name=midrun", f"--dataset_name={folder}", "--max_steps=6",
-                     "--save_every_n_steps=10", "--eval_dataset_name=data/demo", "--eval_dataset_split=validation",
-                     check=False)
+                     "--save_every_n_steps=10", "--save_log_spaced_until=4", "--eval_dataset_name=data/demo",
+                     "--eval_dataset_split=validation", check=False)
     assert proc.returncode != 0 and "step 4/6" in proc.stdout
     line = last_line(proc)
     assert line.startswith("data error in the batch of step 5: ") and "train-00001.parquet row 0: token id 50304" in line
+    # the checkpoint at step 4 looked ahead at that bad batch for its train dynamics: it is still whole
+    run = tmp_path / "midrun" / "checkpoints"
+    assert checkpoint.saved_steps(str(tmp_path / "midrun")) == [0, 1, 2, 4] and os.path.realpath(run / "latest").endswith("step_4")
+    checkpoint.verify(str(run / "step_4"))
+    assert not (run / "step_4" / "learning_dynamics" / "train_activations.pt").exists()
+    assert (run / "step_4" / "learning_dynamics" / "val_activations.pt").exists()
