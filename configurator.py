@@ -3,35 +3,37 @@ Settings for train.py: a config file of plain assignments, then --key=value over
 
     python train.py config/demo.py --lr=1e-3 --layer_suffixes=attention.v_proj,swiglu.w_2
 
-Every value is checked against the type of its default in train.py; an unknown name fails with
-the closest known ones. Also here: the .env file the guide asks users to create, and the nested
-layout of training_config.yaml that pico-train (and pico-analyze) use.
+Every setting is declared once, in train.py's settings block: its name, default and comment, under
+a `# <section>: ...` line that places it in training_config.yaml's nested layout (the one pico-train
+writes and pico-analyze reads). Every value is checked against the type of its default; an unknown
+name fails with the closest known ones. Also here: the .env file the guide asks users to create.
 """
 
 import ast
 import difflib
 import os
+import re
 import textwrap
 
 TYPES = (bool, int, float, str, list, type(None))
 
-YAML_SECTIONS = {  # pico-analyze reads model.{d_model, attention_n_heads, attention_n_kv_heads} and checkpointing.run_name
-    "model": "d_model n_layers vocab_size max_seq_len attention_n_heads attention_n_kv_heads activation_hidden_dim "
-             "norm_eps position_emb_theta",
-    "checkpointing": "run_name runs_dir save_every_n_steps save_log_spaced_until auto_resume stop_at_step save_to_hf "
-                     "hf_repo_id hf_collection_slug hf_wait_at_end_s layer_suffixes sequence_idx learning_dynamics_batch_size "
-                     "learning_dynamics_eval_data",
-    "data": "dataset_name dataset_split tokenizer_path batch_size",
-    "training": "max_steps gradient_accumulation_steps lr lr_scheduler lr_warmup_steps min_lr_ratio weight_decay "
-                "adam_beta1 adam_beta2 adam_eps grad_clip device precision backend compile seed",
-    "evaluation": "eval_dataset_name eval_dataset_split eval_every_n_steps eval_batch_size eval_max_rows sample_prompt",
-    "monitoring": "log_every_n_steps save_to_wandb wandb_project wandb_entity",
-}
+RULE = "# " + "-" * 77 + "\n"  # the line above and below a script's settings block
 
 
-def setting_names(namespace):
-    """The settings of a module: its public globals of a plain type (imports and functions are not)."""
-    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, TYPES)]
+def sections(script):
+    """{setting: section of training_config.yaml} for every setting a script declares between its
+    first two RULE lines, in order: a `# <section>: ...` comment line starts a section."""
+    with open(script) as f:
+        block = f.read().split(RULE)[1]
+    out, section = {}, None
+    for line in block.splitlines():
+        if m := re.match(r"# ([a-z_]+): ", line):
+            section = m.group(1)
+        elif m := re.match(r"([a-z_0-9]+) = ", line):
+            if section is None:
+                raise SystemExit(f"{script}: the setting {m.group(1)} comes before any '# <section>: ...' line")
+            out[m.group(1)] = section
+    return out
 
 
 def check_type(key, value, default):
@@ -62,7 +64,7 @@ def unknown(key, names):
 def configure(argv, settings):
     """Apply config files and --key=value overrides, in order, to the dict `settings` (train.py's
     globals()); only names that already exist there can be set."""
-    names = setting_names(settings)
+    names = list(sections(settings["__file__"]))
     defaults = {k: settings[k] for k in names}  # types are checked against these, whatever set a value before
     if "--help" in argv or "-h" in argv:
         print_help(settings["__file__"])
@@ -103,7 +105,7 @@ def print_help(script):
     """Every setting with its default and comment, grouped as the script declares them (the block
     between its first two `# ----` lines is printed as it stands)."""
     with open(script) as f:
-        block = f.read().split("# " + "-" * 77 + "\n")[1]
+        block = f.read().split(RULE)[1]
     print(f"usage: python {os.path.basename(script)} [config/<file>.py ...] [--key=value ...]\n"
           f"       torchrun --nproc_per_node=N {os.path.basename(script)} [the same]\n\n"
           f"Config files (plain assignments) and --key=value overrides apply in order; each value must have "
@@ -111,20 +113,22 @@ def print_help(script):
     print(block.rstrip())
 
 
-def describe(config):
-    """The settings as a person reads them: a few lines per section of training_config.yaml."""
-    lines = []
-    for section, keys in YAML_SECTIONS.items():
-        text = ", ".join(f"{k}={config[k]!r}" if isinstance(config[k], str) else f"{k}={config[k]}" for k in keys.split())
-        lines += textwrap.wrap(text, 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4))
-    return "\n".join(lines)
-
-
-def nested(config):
-    """training_config.yaml's layout: {section: {name: value}}."""
-    out = {section: {k: config[k] for k in keys.split()} for section, keys in YAML_SECTIONS.items()}
+def nested(config, script):
+    """training_config.yaml's layout: {section: {name: value}}, sections in the script's order."""
+    out = {}
+    for name, section in sections(script).items():
+        out.setdefault(section, {})[name] = config[name]
     out["model"]["model_type"] = "pico_decoder"
     return out
+
+
+def describe(config, script):
+    """The settings as a person reads them: a few lines per section of training_config.yaml."""
+    lines = []
+    for section, values in nested(config, script).items():
+        text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items() if k != "model_type")
+        lines += textwrap.wrap(text, 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4))
+    return "\n".join(lines)
 
 
 def load_dotenv(path):

@@ -33,7 +33,6 @@ import logging
 import lzma
 import os
 import re
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+import hub
 from model import EOS_TOKEN_ID  # <|endoftext|>; pico-lm puts one after each document
 
 log = logging.getLogger("pico.data")
@@ -63,30 +63,14 @@ class MissingSplit(DataError):
 # ----------------------------------------------------------------------------------------------
 # shards: where rows come from
 
-def _retry(fn, what, attempts=6, base_delay=1.0, hint="Check the network or use a local copy of the data."):
-    """Call fn(); retry transient network failures with exponential backoff, logging each one.
-    Permanent failures (no such repo/file, no access) are raised at once."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, EntryNotFoundError
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (RepositoryNotFoundError, EntryNotFoundError, FileNotFoundError):
+def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of the data."):
+    """fn(), retried by hub.py's rule (5xx, 429, no answer) a few times, then one clear DataError."""
+    try:
+        return hub.retry(fn, what, log.warning, attempts)
+    except Exception as e:  # noqa: BLE001 - a permanent failure goes up as it is
+        if not hub.transient(e):
             raise
-        except Exception as e:  # noqa: BLE001 - sorted below
-            # no answer at all (refused, reset, timed out: OSError, or the HTTP client's
-            # TransportError), a 5xx or a 429 is worth retrying; any other answer is not
-            no_answer = isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)
-            status = getattr(getattr(e, "response", None), "status_code", None)
-            if not (no_answer or isinstance(e, HfHubHTTPError)) or (status is not None and status < 500 and status != 429):
-                raise  # 401/403/404, a bug, a bad argument: retrying will not help
-            if attempt == attempts:
-                raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
-                                f"{e}). {hint}") from e
-            delay = base_delay * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.0fs", what, type(e).__name__, e,
-                        attempt, attempts - 1, delay)
-            time.sleep(delay)
+        raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: {e}). {hint}") from e
 
 
 class ParquetShard:

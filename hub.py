@@ -15,30 +15,26 @@ finds steps by these titles):
 
 The branch root always holds the newest files; an older step is read at its commit.
 
-Uploads run in a background thread on rank 0 and never block training. What is still to upload is
-kept in runs/<run>/hub_queue.json, written before a checkpoint is sealed, so a crash, a kill or a
-Hub outage loses nothing: the next start (or `python hub.py push runs/<run>`) uploads the rest, in
-order. A commit whose title is already on the branch is not made twice.
+Uploads run in a background thread on rank 0 and never block training. The run folder is the queue:
+what is left to upload is every commit of a sealed checkpoint whose title the branch does not have
+yet, in step order. So a crash, a kill or a Hub outage loses nothing, the next start (or `python
+hub.py push runs/<run>`) uploads the rest, and nothing is committed twice.
 
 Command line:
     python hub.py list <repo> --branch <run>
     python hub.py download <repo> --branch <run> --step 9000 --what dynamics --out DIR
     python hub.py restore <repo> --branch <run> --step 9000 --run-dir runs/<run>   # then train.py resumes there
-    python hub.py push runs/<run>                                                  # upload what is queued
+    python hub.py push runs/<run>                                                  # upload what is missing
 """
 
 import argparse
 import fnmatch
-import json
-import logging
+import itertools
 import os
 import re
 import threading
 import time
 
-log = logging.getLogger("pico.hub")
-
-QUEUE_FILE = "hub_queue.json"
 TITLE_RE = re.compile(r"^(.*) -- Step (\d+)$")
 # what each commit holds: (title, files of the checkpoint folder, where they go in the repo)
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]
@@ -76,7 +72,7 @@ def _line(e):
 
 
 def _chain(e):
-    """e and the exceptions it was raised from (the client wraps network errors in RuntimeError)."""
+    """e and the exceptions it was raised from (clients wrap network errors in their own)."""
     while e is not None:
         yield e
         e = e.__cause__ or e.__context__
@@ -86,18 +82,42 @@ def _status(e):
     return next((s for x in _chain(e) if (s := getattr(getattr(x, "response", None), "status_code", None))), None)
 
 
-def _transient(e):
-    """True for errors worth retrying: 5xx, 429, and failures without an HTTP answer (no connection,
-    timeouts, a transfer cut off: the client wraps these in RuntimeError). Answers such as 400/401/
-    403/404 and local errors (a missing file, a bad argument) are permanent."""
+def transient(e):
+    """The one retry rule for every call to the Hub (uploads here, dataset reads in data.py): a 5xx,
+    a 429, or a failure with no answer at all (refused, reset, timed out, cut off, however the client
+    wraps it) is worth retrying; any other answer (400, 401, 403, 404, ...) or a local error is not."""
     status = _status(e)
     if status is not None:
         return status >= 500 or status == 429
-    return not isinstance(e, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError))
+    local = (ValueError, TypeError, LookupError, AttributeError, NameError, ImportError, AssertionError,
+             FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return not any(isinstance(x, local) or type(x).__name__ in ("OfflineModeIsEnabled", "EntryNotFoundError")
+                   for x in _chain(e))
 
 
-def plan_commits(run_dir, step, step_dir, has_eval):
-    """The commits for one checkpoint: [{"title", "files": {repo path: local path}, "delete": [patterns]}]."""
+def retry(fn, what, log, attempts=None, max_delay=30.0):
+    """fn(), tried again after 1, 2, 4, ... s (at most max_delay) while it fails transiently, at most
+    `attempts` times in all (None: until it works). log(message) is told of each retry."""
+    delay = 1.0
+    for attempt in itertools.count(1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - sorted by transient()
+            if not transient(e) or attempt == attempts:
+                raise
+            cause = list(_chain(e))[-1]  # the root cause: a refused connection, a timeout, ...
+            log(f"{what} failed ({type(cause).__name__}: {_line(cause)}); retry {attempt}"
+                + (f"/{attempts - 1}" if attempts else "") + f" in {delay:.0f}s")
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay)
+
+
+def plan_commits(run_dir, step):
+    """The commits of one sealed checkpoint: [{"title", "step", "files": {repo path: local path},
+    "delete": [patterns of repo files this commit replaces]}]."""
+    import checkpoint  # here, not at the top: it loads torch, which `hub.py list` and `download` do not need
+    step_dir = checkpoint.step_dir(run_dir, step)
+
     def files(names):
         return {n: os.path.join(step_dir, n) for n in names if os.path.exists(os.path.join(step_dir, n))}
 
@@ -117,172 +137,101 @@ def plan_commits(run_dir, step, step_dir, has_eval):
             elif rel not in MODEL_FILES + TOKENIZER_FILES:
                 state["training_state/" + rel] = os.path.join(root, n)
     commits.append({"title": f"Saving Fabric Checkpoint -- Step {step}", "files": state, "delete": ["training_state/*"]})
-    if has_eval:
-        commits.append({"title": f"Saving Evaluation Results -- Step {step}", "delete": [], "files": {
-            f"eval_results/step_{step}.json": os.path.join(run_dir, "eval_results", f"step_{step}.json")}})
+    eval_file = os.path.join(run_dir, "eval_results", f"step_{step}.json")
+    if os.path.exists(eval_file):
+        commits.append({"title": f"Saving Evaluation Results -- Step {step}", "delete": [],
+                        "files": {f"eval_results/step_{step}.json": eval_file}})
     for split in ("train", "val"):
         if split in dynamics_files:
             # replace this split's files; a split this step lacks (train, at the last step) goes too
             stale = [f"learning_dynamics/{s}_*" for s in ("train", "val") if s == split or s not in dynamics_files]
             commits.append({"title": f"Saving Learning Dynamics Data ({split}) -- Step {step}",
                             "files": dynamics_files[split], "delete": stale})
-    return commits
+    return [dict(c, step=step) for c in commits]
 
 
 class Uploader:
-    """Rank 0's background uploader with a persisted queue (runs/<run>/hub_queue.json)."""
+    """Rank 0's uploads, in one background thread that training never waits for. The run folder is
+    the queue: what is left is the commits of its sealed checkpoints whose titles the branch lacks."""
 
-    def __init__(self, run_dir, repo_id, branch, collection_slug=None, log_fn=print, max_delay=30.0):
+    def __init__(self, run_dir, repo_id, branch, collection_slug=None, log_fn=print):
         from huggingface_hub import HfApi
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()  # the log says what was uploaded; bars would flood it
         self.api = HfApi()  # token from HF_TOKEN or `huggingface-cli login`; endpoint from HF_ENDPOINT
-        self.run_dir, self.repo_id, self.branch, self.collection_slug = run_dir, repo_id, branch, collection_slug
-        self.log, self.max_delay = log_fn, max_delay
-        self.path = os.path.join(run_dir, QUEUE_FILE)
-        self.lock, self.wake = threading.Lock(), threading.Event()
-        self.failed = None  # a PermanentError message: uploads stop, training goes on
-        self.give_up_at = None  # set by finish(): after it, transient failures are no longer retried
-        self.remote_titles = None
-        self.stopping = False
-        self.busy = False
-        self.session = f"{os.getpid()}-{time.time()}"  # marks what this process queued
+        self.run_dir, self.repo_id, self.branch, self.collection, self.log = run_dir, repo_id, branch, collection_slug, log_fn
+        import checkpoint
+        self.steps = lambda: checkpoint.saved_steps(run_dir)  # the sealed checkpoints, in order
+        self.earlier = self.steps()  # those of earlier sessions
+        self.on_hub, self.left, self.failed, self.stopping = set(), None, None, False  # left: None until read
+        self.wake = threading.Event()  # a checkpoint was sealed (nudge), or the run is ending
         self.thread = threading.Thread(target=self._work, name="hub-uploader", daemon=True)
-        pending = self.queue()
-        if pending:
-            self.log(f"hub: {len(pending)} commit(s) left from an earlier session; uploading them first")
         self.thread.start()
 
-    def queue(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return json.load(f)
-
-    def _write_queue(self, items):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(items, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def enqueue(self, run_dir, step, final_step_dir, tmp_step_dir, has_eval):
-        """Record a checkpoint's commits; called before the checkpoint folder is sealed, with the
-        folder's final name (the files are read only once it exists)."""
-        commits = plan_commits(run_dir, step, tmp_step_dir, has_eval)
-        for c in commits:
-            c["files"] = {k: v.replace(tmp_step_dir, final_step_dir, 1) for k, v in c["files"].items()}
-            c["step_dir"] = final_step_dir
-            c["session"] = self.session
-        with self.lock:
-            self._write_queue(self.queue() + commits)
+    def nudge(self):
         self.wake.set()
+
+    def todo(self):
+        return [c for step in self.steps() for c in plan_commits(self.run_dir, step)
+                if c["title"] not in self.on_hub]
 
     def _call(self, fn, what):
-        """Run fn(), retrying transient failures with backoff until it works (or we are told to stop)."""
-        delay, reported = 1.0, False
-        while True:
-            try:
-                return fn()
-            except Exception as e:  # noqa: BLE001 - classified below
-                status = _status(e)
-                if status in (401, 403) or type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
-                    raise PermanentError(f"{what}: the Hub refused ({status}): {_line(e)}. "
-                                         f"Check HF_TOKEN (or `huggingface-cli login`) and write access to "
-                                         f"{self.repo_id}.") from None
-                if not _transient(e):
-                    detail = "; ".join(f"{type(x).__name__}: {_line(x)}" for x in _chain(e))
-                    raise PermanentError(f"{what}: {detail}") from None
-                if not reported:
-                    cause = list(_chain(e))[-1]  # the root cause: a refused connection, a timeout, ...
-                    self.log(f"hub: {what} failed ({type(cause).__name__}: {_line(cause)}); retrying in the background")
-                    reported = True
-                if self.stopping and self.give_up_at and time.time() > self.give_up_at:
-                    raise
-                self.wake.wait(delay)
-                self.wake.clear()
-                delay = min(delay * 2, self.max_delay)
-
-    def _setup(self):
-        self._call(lambda: self.api.create_repo(self.repo_id, exist_ok=True), f"creating {self.repo_id}")
-        self._call(lambda: self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True),
-                   f"creating branch {self.branch}")
-        if self.collection_slug:  # a nicety: failing here must not stop the uploads
-            try:
-                self._call(lambda: self.api.add_collection_item(self.collection_slug, item_id=self.repo_id,
-                                                                item_type="model", exists_ok=True),
-                           f"adding {self.repo_id} to collection {self.collection_slug}")
-            except PermanentError as e:
-                self.log(f"hub: not added to the collection: {e}")
-        self.remote_titles = {c.title for c in self._call(
-            lambda: self.api.list_repo_commits(self.repo_id, revision=self.branch), "listing commits")}
-
-    def _push(self, commit):
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-        if commit["title"] in self.remote_titles:
-            return "already on the Hub"
-        if not os.path.isdir(commit["step_dir"]):  # queued by a session that crashed before sealing it
-            return "skipped: its checkpoint was never completed"
-        remote = set(self._call(lambda: self.api.list_repo_files(self.repo_id, revision=self.branch), "listing files"))
-        ops = [CommitOperationAdd(path_in_repo=k, path_or_fileobj=v) for k, v in sorted(commit["files"].items())]
-        stale = {p for p in remote for pattern in commit["delete"] if fnmatch.fnmatch(p, pattern)} - set(commit["files"])
-        ops += [CommitOperationDelete(path_in_repo=p) for p in sorted(stale)]
-        self._call(lambda: self.api.create_commit(self.repo_id, ops, commit_message=commit["title"],
-                                                  revision=self.branch), commit["title"])
-        self.remote_titles.add(commit["title"])
-        return "uploaded"
+        said = []  # the first retry is logged; the others go on quietly, 30 s apart at most
+        try:
+            return retry(fn, what, lambda m: said or said.append(self.log(f"hub: {m} (and on, in the background)")))
+        except Exception as e:  # noqa: BLE001 - not worth retrying: one line on why
+            status = _status(e)
+            raise PermanentError(f"{what}: the Hub refused ({status}): {_line(e)}. Check HF_TOKEN (or `huggingface-cli "
+                                 f"login`) and write access to {self.repo_id}." if status else
+                                 f"{what}: " + "; ".join(f"{type(x).__name__}: {_line(x)}" for x in _chain(e))) from None
 
     def _work(self):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        api, repo, branch = self.api, self.repo_id, self.branch
         try:
-            self._setup()
+            self._call(lambda: api.create_repo(repo, exist_ok=True), f"creating {repo}")
+            self._call(lambda: api.create_branch(repo, branch=branch, exist_ok=True), f"creating branch {branch}")
+            if self.collection:  # a nicety: failing here does not stop the uploads
+                try:
+                    self._call(lambda: api.add_collection_item(self.collection, item_id=repo, item_type="model",
+                                                               exists_ok=True), f"adding {repo} to {self.collection}")
+                except PermanentError as e:
+                    self.log(f"hub: not added to the collection: {e}")
+            self.on_hub = {c.title for c in self._call(lambda: api.list_repo_commits(repo, revision=branch), "listing commits")}
+            if earlier := sum(c["step"] in self.earlier for c in self.todo()):
+                self.log(f"hub: {earlier} commit(s) left from an earlier session; uploading them first")
             while True:
-                with self.lock:
-                    items = self.queue()
-                if not items:
-                    if self.stopping:
-                        return
-                    self.wake.wait(1.0)
-                    self.wake.clear()
-                    continue
-                head = items[0]
-                if not os.path.isdir(head["step_dir"]) and head.get("session") == self.session:
-                    self.wake.wait(0.2)  # queued a moment before its checkpoint is sealed: wait for it
-                    self.wake.clear()
-                    continue
-                self.busy = True
-                outcome = self._push(head)
-                with self.lock:  # drop the head only once it is on the Hub
-                    self._write_queue(self.queue()[1:])
-                self.busy = False
-                self.log(f"hub: {items[0]['title']}: {outcome}")
-        except PermanentError as e:
-            self.failed = str(e)
-            self.log(f"hub: uploads stopped: {e} Everything stays in {self.run_dir}; the queue "
-                     f"({QUEUE_FILE}) is uploaded by the next start or `python hub.py push {self.run_dir}`.")
-        except Exception as e:  # noqa: BLE001 - the uploader must never take training down
-            self.failed = f"{type(e).__name__}: {_scrub(str(e))}"
-            self.log(f"hub: uploads stopped after an unexpected error: {self.failed}")
-        finally:
-            self.busy = False
+                self.wake.clear()
+                self.left = self.todo()
+                if not self.left and self.stopping:
+                    return
+                if not self.left:
+                    self.wake.wait()
+                for c in self.left:  # add its files, delete the ones it replaces
+                    remote = self._call(lambda: api.list_repo_files(repo, revision=branch), "listing files")
+                    ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + [
+                        CommitOperationDelete(p) for p in sorted(remote)
+                        if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"])]
+                    self._call(lambda: api.create_commit(repo, ops, commit_message=c["title"], revision=branch), c["title"])
+                    self.on_hub.add(c["title"])
+                    self.left = self.left[1:]
+                    self.log(f"hub: {c['title']}: uploaded")
+        except Exception as e:  # noqa: BLE001 - the uploader never takes training down
+            self.failed = str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {_scrub(str(e))}"
+            self.log(f"hub: uploads stopped: {self.failed} Everything stays in {self.run_dir}: "
+                     f"the next start or `python hub.py push {self.run_dir}` uploads what is missing.")
 
     def finish(self, timeout=600.0):
-        """Wait (with a progress line) until the queue is empty, at most `timeout` seconds; then
-        say plainly what was not uploaded."""
-        self.stopping, self.give_up_at = True, time.time() + timeout
+        """Wait at most `timeout` seconds for the uploads to end, then say plainly what is not on the Hub."""
+        self.stopping = True
         self.wake.set()
-        last = None
-        while self.thread.is_alive() and time.time() < self.give_up_at:
-            left = len(self.queue())
-            if left != last:
-                self.log(f"hub: waiting for {left} commit(s) to reach {self.repo_id}@{self.branch}")
-                last = left
-            self.thread.join(timeout=2.0)
-            self.wake.set()
-        left = self.queue()
+        if self.thread.is_alive() and timeout:
+            self.log(f"hub: waiting (at most {timeout:.0f}s) for the uploads to reach {self.repo_id}@{self.branch}")
+        self.thread.join(timeout)
+        left = self.todo() if self.left is None else self.left
         if left:
-            self.log(f"hub: NOT uploaded: {len(left)} commit(s) (" + ", ".join(c["title"] for c in left[:4]) +
-                     (", ..." if len(left) > 4 else "") + f"). They are kept in {self.path}; run "
+            self.log(f"hub: NOT uploaded: {len(left)} commit(s) (" + ", ".join(c["title"] for c in left[:3]) +
+                     f"{', ...' if len(left) > 3 else ''}). They stay in {self.run_dir}: run "
                      f"`python hub.py push {self.run_dir}` or restart the run to upload them.")
         elif not self.failed:
             self.log(f"hub: everything is on {self.repo_id}@{self.branch}")
@@ -391,7 +340,7 @@ def restore(repo_id, branch, step, run_dir):
 
 
 def push(run_dir, timeout=3600.0):
-    """Upload what a run's queue still holds (e.g. after the Hub was down at the end of a run)."""
+    """Upload what of a run's checkpoints is not on its branch yet (say the Hub was down at the end)."""
     import yaml
     with open(os.path.join(run_dir, "training_config.yaml")) as f:
         cfg = yaml.safe_load(f)["checkpointing"]
@@ -416,7 +365,7 @@ def parse_args():
     p.add_argument("--branch", required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--run-dir", required=True)
-    p = sub.add_parser("push", help="upload what a run's hub_queue.json still holds")
+    p = sub.add_parser("push", help="upload what of a run's checkpoints is not on the Hub yet")
     p.add_argument("run_dir")
     return parser.parse_args()
 

@@ -15,39 +15,49 @@ import sys
 import time
 from datetime import datetime
 
+import torch
+import torch.distributed as dist
+import yaml
+
+import checkpoint
 import configurator
+import data
+import dynamics
+from model import ModelConfig, PicoDecoder, gpu_peak_flops, load_pretrained, save_pretrained
 
 # -----------------------------------------------------------------------------
-# settings (pico-train's names and defaults; a config file or --key=value overrides them)
-# run & checkpoints
+# settings (pico-train's names and defaults; a config file or --key=value overrides them). Each
+# `# <section>: ...` line starts a section of training_config.yaml, the layout pico-train writes.
+# checkpointing: the run and its checkpoints
 run_name = None  # None: a timestamped name
 runs_dir = "runs"
 save_every_n_steps = 1000
 save_log_spaced_until = 0  # also save at steps 1, 2, 4, 8, ... up to this one (early learning moves fastest); 0: no
 auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
 stop_at_step = None  # end this session at this step with a checkpoint (job time limits); run again to go on
-# Hugging Face Hub (hub.py)
+# checkpointing: the Hugging Face Hub (hub.py)
 save_to_hf = False
 hf_repo_id = ""
 hf_collection_slug = None
 hf_wait_at_end_s = 600  # at the end, wait this long for queued uploads (they are kept for later either way)
-# monitoring
+# monitoring: the log and wandb
 log_every_n_steps = 100
 save_to_wandb = False
 wandb_project = ""
 wandb_entity = ""
-# data
+# data: what the model trains on
 dataset_name = "pico-lm/pretokenized-dolma"  # a Hub dataset, a folder/glob of parquet files, or a save_to_disk folder
 dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
-# evaluation
+batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
+# evaluation: held-out loss and paloma at each checkpoint
 eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"  # None: the training data's held-out split
 eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val', whichever the data has)
 eval_every_n_steps = None  # None: whenever a checkpoint is saved; 0: never (but at the end)
 eval_batch_size = 16
 eval_max_rows = None  # None: the whole evaluation set
 sample_prompt = ""  # if set, rank 0 prints a sample continuation at the end of the run
-# model (model.ModelConfig)
+# model: the pico-decoder (model.ModelConfig)
 d_model = 768
 n_layers = 12
 vocab_size = 50304
@@ -57,8 +67,7 @@ attention_n_kv_heads = 4
 activation_hidden_dim = 3072
 norm_eps = 1e-6
 position_emb_theta = 10000.0
-# optimisation
-batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
+# training: optimisation
 gradient_accumulation_steps = 128
 max_steps = 200_000
 lr = 3e-4
@@ -70,34 +79,18 @@ adam_beta1 = 0.9
 adam_beta2 = 0.999
 adam_eps = 1e-8
 grad_clip = 1.0  # 0 disables clipping
-# learning dynamics (dynamics.py)
+# checkpointing: learning dynamics saved with each checkpoint (dynamics.py)
 layer_suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 sequence_idx = -1
 learning_dynamics_batch_size = 8
 learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"  # None: the evaluation data
-# system
+# training: the system
 device = "auto"  # auto: cuda if available, else cpu
 precision = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
 backend = "auto"  # auto: DeepSpeed ZeRO-2 on >1 CUDA device, else DDP; or "ddp" / "deepspeed"
 compile = False  # torch.compile the model
 seed = 42
 # -----------------------------------------------------------------------------
-def get_lr(step):
-    """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
-    Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
-    (linear_with_warmup, pico-train's) or cosine decay to lr * min_lr_ratio."""
-    if step < lr_warmup_steps:
-        return lr * (step + 1) / lr_warmup_steps
-    progress = min(1.0, (step - lr_warmup_steps) / max(1, max_steps - lr_warmup_steps))
-    if lr_scheduler == "linear_with_warmup":
-        return lr * (1.0 - progress)
-    if lr_scheduler == "cosine":
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
-
-
-if __name__ != "__main__":
-    raise ImportError("train.py is a script: python train.py config/<file>.py")
 config_keys = configurator.configure(sys.argv[1:], globals())
 # settings that cannot work are refused now, one line each, before anything is created or loaded
 for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
@@ -111,17 +104,9 @@ for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps",
         raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
 if precision not in ("auto", "bf16", "fp32"):
     raise SystemExit(f"config error: precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-get_lr(lr_warmup_steps)  # refuses an unknown lr_scheduler (warmup does not look at it)
+if lr_scheduler not in ("linear_with_warmup", "cosine"):
+    raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
 configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import yaml  # noqa: E402
-
-import checkpoint  # noqa: E402
-import data  # noqa: E402
-import dynamics  # noqa: E402
-from model import ModelConfig, PicoDecoder, gpu_peak_flops, load_pretrained, save_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -271,11 +256,11 @@ barrier()
 os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
 if master:
     log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
-    nested = configurator.nested(config)
+    nested = configurator.nested(config, __file__)
     nested["training"]["world_size"] = world_size
     with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
         yaml.safe_dump(nested, f, sort_keys=False)
-log(f"run {run_dir}; settings (all of them in training_config.yaml):\n" + configurator.describe(config))
+log(f"run {run_dir}; settings (all of them in training_config.yaml):\n" + configurator.describe(config, __file__))
 if set_aside:
     log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
@@ -300,7 +285,8 @@ if save_to_wandb and master:
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
-MUST_MATCH = set(configurator.YAML_SECTIONS["model"].split()) | {"dataset_name", "dataset_split", "backend"}
+MUST_MATCH = {k for k, section in configurator.sections(__file__).items() if section == "model"} | {
+    "dataset_name", "dataset_split", "backend"}
 if use_deepspeed:
     MUST_MATCH.add("world_size")  # ZeRO-2 optimizer shards are per rank
 run_state = {**config, "backend": backend, "world_size": world_size}
@@ -461,15 +447,27 @@ def save_checkpoint(step):
     barrier()
     if master:
         checkpoint.write_manifest(tmp, step)  # every file's size and sha256, checked before it is loaded
-        if uploader:  # queued before the folder is sealed: a crash in between loses no upload
-            uploader.enqueue(run_dir, step, checkpoint.step_dir(run_dir, step), tmp, os.path.exists(eval_path(step)))
         checkpoint.commit(run_dir, step, tmp)
+        if uploader:  # a sealed checkpoint is queued by being there: the uploader looks again
+            uploader.nudge()
     barrier()
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
 
 
 # -----------------------------------------------------------------------------
 # the training loop
+def get_lr(step):
+    """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
+    Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
+    (linear_with_warmup, pico-train's) or cosine decay to lr * min_lr_ratio."""
+    if step < lr_warmup_steps:
+        return lr * (step + 1) / lr_warmup_steps
+    progress = min(1.0, (step - lr_warmup_steps) / max(1, max_steps - lr_warmup_steps))
+    if lr_scheduler == "linear_with_warmup":
+        return lr * (1.0 - progress)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+
+
 def is_save_step(step):
     """Checkpoints: step 0, every save_every_n_steps, the powers of two up to save_log_spaced_until
     (and the end, and a stop)."""
@@ -595,7 +593,7 @@ if master and sample_prompt and not stop_asked:
     log("sample: " + tokenizer.decode(out[0].tolist(), skip_special_tokens=True).replace("\n", " / "))
 if stop_asked and step < max_steps:
     log(f"stopped at step {step} by a signal, with a checkpoint: run the same command again to continue"
-        + (" (the uploads still queued go first)" if uploader else ""))
+        + (" (what is not on the Hub yet is uploaded first)" if uploader else ""))
 if uploader:
     uploader.finish(0 if stop_asked else hf_wait_at_end_s)  # a scheduler's grace period is short
 log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session)")

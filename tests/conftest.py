@@ -1,9 +1,27 @@
 import os
 import sys
 
+import pytest
+
 # tests run offline: nothing may reach the Hugging Face Hub or wandb.ai
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """reference_run(*args, nproc=1): a runs folder holding the run "ref" of the tiny model with these
+    settings, trained once per session and shared by the tests that compare against it (read only)."""
+    from helpers import run_train
+    made = {}
+
+    def get(*args, nproc=1):
+        if (args, nproc) not in made:
+            runs = tmp_path_factory.mktemp("reference")
+            run_train(runs, "--run_name=ref", *args, nproc=nproc)
+            made[args, nproc] = runs
+        return made[args, nproc]
+    return get

@@ -14,7 +14,8 @@ import torch
 
 from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
 
-STRAIGHT = ["--max_steps=6", "--save_every_n_steps=2"]
+STRAIGHT = ("--max_steps=6", "--save_every_n_steps=2")
+LONGER = ("--max_steps=12", "--save_every_n_steps=5")  # as test_newcomer's SIGTERM test: one reference run
 
 
 def losses(runs_dir, run):
@@ -22,23 +23,22 @@ def losses(runs_dir, run):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_stop_and_resume_is_bit_identical(tmp_path, nproc):
-    accum = "--gradient_accumulation_steps=1" if nproc == 2 else "--gradient_accumulation_steps=2"
-    run_train(tmp_path, "--run_name=straight", *STRAIGHT, accum, nproc=nproc)
-    run_train(tmp_path, "--run_name=resumed", *STRAIGHT, accum, "--stop_at_step=3", nproc=nproc)
-    assert not os.path.exists(tmp_path / "resumed" / "checkpoints" / "step_6")
-    proc = run_train(tmp_path, "--run_name=resumed", *STRAIGHT, accum, nproc=nproc)
+def test_stop_and_resume_is_bit_identical(tmp_path, reference_run, nproc):
+    args = LONGER + (("--gradient_accumulation_steps=1",) if nproc == 2 else ())
+    ref = reference_run(*args, nproc=nproc)
+    run_train(tmp_path, "--run_name=resumed", *args, "--stop_at_step=3", nproc=nproc)
+    assert not os.path.exists(tmp_path / "resumed" / "checkpoints" / "step_5")
+    proc = run_train(tmp_path, "--run_name=resumed", *args, nproc=nproc)
     assert "resumed from" in proc.stdout and "step_3" in proc.stdout
     assert "step 3: checkpoint saved" not in proc.stdout  # the resumed step is not saved again
-    assert max_diff(weights(tmp_path, "straight", 6), weights(tmp_path, "resumed", 6)) == 0.0
-    assert losses(tmp_path, "straight") == losses(tmp_path, "resumed")
+    assert max_diff(weights(ref, "ref", 12), weights(tmp_path, "resumed", 12)) == 0.0
+    assert losses(ref, "ref") == losses(tmp_path, "resumed")
     evals = sorted(os.listdir(tmp_path / "resumed" / "eval_results"))
-    assert evals == ["step_0.json", "step_2.json", "step_4.json", "step_6.json"]
+    assert evals == ["step_0.json", "step_10.json", "step_12.json", "step_5.json"]  # none at the stop
 
 
-def test_sigkill_at_random_moments_and_mid_save(tmp_path):
-    run_train(tmp_path, "--run_name=straight", *STRAIGHT)
-    reference = weights(tmp_path, "straight", 6)
+def test_sigkill_at_random_moments_and_mid_save(tmp_path, reference_run):
+    final = weights(reference_run(*STRAIGHT), "ref", 6)
     rng = random.Random(0)
     caught_mid_save = 0
     cmd = [sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", *STRAIGHT]
@@ -59,19 +59,19 @@ def test_sigkill_at_random_moments_and_mid_save(tmp_path):
         if trial < 2:
             caught_mid_save += (ckpt / target).exists()  # killed before the rename sealed it
         out = run_train(tmp_path, f"--run_name={run}", *STRAIGHT).stdout
-        assert max_diff(reference, weights(tmp_path, run, 6)) == 0.0, (trial, out)
+        assert max_diff(final, weights(tmp_path, run, 6)) == 0.0, (trial, out)
         assert not [n for n in os.listdir(ckpt) if n.endswith(".tmp")]
     assert caught_mid_save >= 1
 
 
-def test_every_checkpoint_loads_in_transformers_with_the_same_loss(tmp_path):
+def test_every_checkpoint_loads_in_transformers_with_the_same_loss(reference_run):
     transformers = pytest.importorskip("transformers")
     import data
     from model import load_pretrained
-    run_train(tmp_path, "--run_name=hf", "--max_steps=4")
+    run = reference_run() / "ref"
     seqs = torch.from_numpy(data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1)[:4])
     for step in (0, 2, 4):
-        path = tmp_path / "hf" / "checkpoints" / f"step_{step}"
+        path = run / "checkpoints" / f"step_{step}"
         hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
         ours = load_pretrained(path).eval()
         with torch.no_grad():
@@ -104,11 +104,11 @@ def test_damaged_checkpoint_is_reported_not_loaded(tmp_path):
     assert proc.returncode != 0 and "is incomplete" in proc.stderr
 
 
-def test_deepspeed_zero2_matches_single_process_and_resumes(tmp_path):
+def test_deepspeed_zero2_matches_single_process_and_resumes(tmp_path, reference_run):
     pytest.importorskip("deepspeed")
-    run_train(tmp_path, "--run_name=plain", *STRAIGHT)
+    plain = reference_run(*STRAIGHT)
     run_train(tmp_path, "--run_name=ds", *STRAIGHT, "--backend=deepspeed", "--gradient_accumulation_steps=1", nproc=2)
-    assert max_diff(weights(tmp_path, "plain", 6), weights(tmp_path, "ds", 6)) <= 1e-5
+    assert max_diff(weights(plain, "ref", 6), weights(tmp_path, "ds", 6)) <= 1e-5
     assert os.path.exists(tmp_path / "ds" / "checkpoints" / "step_6" / "deepspeed")
     run_train(tmp_path, "--run_name=ds_resumed", *STRAIGHT, "--backend=deepspeed", "--gradient_accumulation_steps=1",
               "--stop_at_step=3", nproc=2)

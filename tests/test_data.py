@@ -140,22 +140,60 @@ def test_save_to_disk_folder_and_eval_rows_of_max_seq_len(tmp_path):
     assert x[:, 0].tolist() == list(range(5))
 
 
-def test_transient_hub_errors_are_retried_then_reported(monkeypatch, caplog):
-    calls = []
+def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
+    """hub.transient, used by the uploads (hub.py) and the dataset reads (data.py): a 5xx, a 429 or
+    no answer at all is retried; any other answer (401, 403, 404, ...) or a local error is not."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    import hub
+
+    def answer(status, cls=HfHubHTTPError):
+        return cls(f"HTTP {status}", response=httpx.Response(status, request=httpx.Request("GET", "http://hub/x")))
+
+    def wrapped(cause):  # as a client raises it: its own error, the network one as the cause
+        try:
+            raise cause
+        except Exception as e:
+            try:
+                raise RuntimeError("upload failed") from e
+            except RuntimeError as outer:
+                return outer
+    retried = [answer(500), answer(502), answer(503), answer(429), httpx.ConnectError("refused"),
+               httpx.ReadTimeout("slow"), ConnectionResetError("reset by peer"), TimeoutError("timed out"),
+               wrapped(httpx.RemoteProtocolError("cut off")), wrapped(ConnectionRefusedError()),
+               wrapped(RuntimeError("Cannot send a request, as the client has been closed."))]  # another thread's outage
+    not_retried = [answer(400), answer(401), answer(403), answer(404, RepositoryNotFoundError), answer(404),
+                   wrapped(answer(401)), FileNotFoundError("x"), PermissionError("x"), ValueError("x"),
+                   KeyError("x"), TypeError("a bug"), wrapped(ValueError("a malformed answer")),
+                   OfflineModeIsEnabled("HF_HUB_OFFLINE is set")]
+    assert [hub.transient(e) for e in retried] == [True] * len(retried)
+    assert [hub.transient(e) for e in not_retried] == [False] * len(not_retried)
+
+    # data.py: a few tries, then one DataError naming what failed; a permanent error at once
+    waits, calls = [], []
+    monkeypatch.setattr(hub.time, "sleep", waits.append)
 
     def flaky():
         calls.append(1)
         if len(calls) < 3:
             raise ConnectionError("connection reset by peer")
         return "ok"
-    monkeypatch.setattr(data.time, "sleep", lambda s: None)
-    assert data._retry(flaky, "reading x") == "ok" and len(calls) == 3
-    assert "retry 1/5" in caplog.text
+    assert data._retry(flaky, "reading x") == "ok" and len(calls) == 3 and waits == [1.0, 2.0]
+    assert "reading x failed (ConnectionError: connection reset by peer); retry 1/5 in 1s" in caplog.text
 
     def down():
         raise TimeoutError("timed out")
     with pytest.raises(DataError, match="reading y: still failing after 6 attempts"):
         data._retry(down, "reading y")
+
+    def refused():
+        calls.append(1)
+        raise answer(403)
+    calls.clear()
+    with pytest.raises(HfHubHTTPError):
+        data._retry(refused, "reading z")
+    assert len(calls) == 1
 
 
 def test_embedded_corpus(tmp_path):
@@ -204,7 +242,8 @@ api.create_commit("tester/tokens", repo_type="dataset", commit_message="data", o
     CommitOperationAdd(path_in_repo=f"data/train-{i}.parquet", path_or_fileobj=os.path.join(SRC, f"part-{i}.parquet"))
     for i in range(3)])
 import data
-data.time.sleep = lambda s: time.sleep(min(s, 0.2))  # quick retries
+real_sleep = time.sleep
+time.sleep = lambda s: real_sleep(min(s, 0.2))  # quick retries (hub.retry's and the client's)
 ids = lambda subs: [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
 stream = data.TrainStream("tester/tokens", 8, 1000, 4, 2)
 out = {"first": [ids(stream.next_batch()) for _ in range(5)], "state": stream.state_dict()}

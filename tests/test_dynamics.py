@@ -54,16 +54,16 @@ def read_like_pico_analyze(folder, split, n_layers):
     return files
 
 
-def test_capture_matches_plain_forward_and_backward(tmp_path):
-    run_train(tmp_path, "--run_name=dyn", "--max_steps=4")
-    step_dir = tmp_path / "dyn" / "checkpoints" / "step_2"
+def test_capture_matches_plain_forward_and_backward(reference_run):
+    run = reference_run() / "ref"
+    step_dir = run / "checkpoints" / "step_2"
     fresh = load_pretrained(step_dir)
     import datasets
     train_rows = np.array(datasets.load_from_disk(str(step_dir / "learning_dynamics" / "train_data"))["input_ids"])
     import data
     val_rows = data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1)
     for split, rows in (("train", train_rows), ("val", val_rows)):
-        acts, w, grads = dynamics.load(tmp_path / "dyn", 2, split)
+        acts, w, grads = dynamics.load(run, 2, split)
         ref_acts, ref_grads = reference(fresh, rows)
         assert len(acts) == 6
         for name in acts:
@@ -79,32 +79,32 @@ def test_capture_matches_plain_forward_and_backward(tmp_path):
     read_like_pico_analyze(step_dir / "learning_dynamics", "train", 2)
     read_like_pico_analyze(step_dir / "learning_dynamics", "val", 2)
     with pytest.raises(FileNotFoundError, match="no train learning dynamics at step 4 .* the steps that have them: 0, 2 "):
-        dynamics.load(tmp_path / "dyn", 4, "train")  # the final step has no next batch
+        dynamics.load(run, 4, "train")  # the final step has no next batch
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
-def test_two_processes_write_the_same_files_as_one(tmp_path, backend):
+def test_two_processes_write_the_same_files_as_one(tmp_path, reference_run, backend):
     if backend == "deepspeed":
         pytest.importorskip("deepspeed")
-    args = ["--max_steps=2", "--learning_dynamics_batch_size=3"]  # 3 does not divide the rows per rank
-    run_train(tmp_path, "--run_name=one", *args)
+    args = ("--max_steps=2", "--learning_dynamics_batch_size=3")  # 3 does not divide the rows per rank
+    one_run = reference_run(*args) / "ref"
     run_train(tmp_path, "--run_name=two", *args, f"--backend={backend}", "--gradient_accumulation_steps=1", nproc=2)
     for step, splits in ((0, ("train", "val")), (2, ("val",))):
         for split in splits:
-            one, two = dynamics.load(tmp_path / "one", step, split), dynamics.load(tmp_path / "two", step, split)
+            one, two = dynamics.load(one_run, step, split), dynamics.load(tmp_path / "two", step, split)
             for a, b in zip(one, two):
                 assert list(a) == list(b)
                 for k in a:
                     assert a[k].shape == b[k].shape and rel_err(b[k], a[k]) <= 1e-5, (step, split, k)
 
 
-def test_capture_on_and_off_train_identically(tmp_path):
-    run_train(tmp_path, "--run_name=on", "--max_steps=4")
+def test_capture_on_and_off_train_identically(tmp_path, reference_run):
+    on = reference_run()  # captures the default layers
     run_train(tmp_path, "--run_name=off", "--max_steps=4", "--layer_suffixes=")
     assert not os.path.exists(tmp_path / "off" / "checkpoints" / "step_2" / "learning_dynamics")
-    final = sorted(os.listdir(tmp_path / "on" / "checkpoints" / "step_4" / "learning_dynamics"))
+    final = sorted(os.listdir(on / "ref" / "checkpoints" / "step_4" / "learning_dynamics"))
     assert final == ["val_activations.pt", "val_gradients.pt", "val_weights.pt"]
-    assert max_diff(weights(tmp_path, "on", 4), weights(tmp_path, "off", 4)) == 0.0
+    assert max_diff(weights(on, "ref", 4), weights(tmp_path, "off", 4)) == 0.0
 
 
 def test_unknown_suffix_fails_at_start(tmp_path):

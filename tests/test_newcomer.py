@@ -2,6 +2,7 @@
 that are one line and leave no run folder (no network included), and a safe stop on SIGTERM that
 resumes bit-identically (one process and 2-process DDP)."""
 
+import ast
 import json
 import os
 import re
@@ -15,20 +16,30 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
-from test_train import load_train_settings
 
 
 def test_help_lists_every_setting_with_its_default_and_exits_0():
     proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    ns = load_train_settings()
     import configurator
-    for name in configurator.setting_names(ns):
+    for name in configurator.sections(os.path.join(ROOT, "train.py")):
         line = next((x for x in proc.stdout.splitlines() if x.startswith(f"{name} = ")), None)
         assert line is not None, name
-        assert eval(line.split(" = ", 1)[1].split("  #")[0]) == ns[name], line  # the default, as train.py has it
-    assert "# optimisation" in proc.stdout and "lr = 3e-4" in proc.stdout
+        ast.literal_eval(line.split(" = ", 1)[1].split("  #")[0])  # a plain value, as a config file takes it
+    assert "# training: optimisation" in proc.stdout and "lr = 3e-4" in proc.stdout
     assert "lr_scheduler = \"linear_with_warmup\"  # or \"cosine\"" in proc.stdout  # with its comment
+
+
+def test_each_setting_is_declared_once_under_a_section(tmp_path):
+    import configurator
+    settings = configurator.sections(os.path.join(ROOT, "train.py"))
+    assert settings["d_model"] == settings["attention_n_kv_heads"] == "model"  # what pico-analyze reads
+    assert settings["run_name"] == "checkpointing" and settings["batch_size"] == "data"
+    rule = configurator.RULE
+    script = tmp_path / "script.py"
+    script.write_text(f"import os\n{rule}# intro\nlr = 1.0\n# training: optimisation\nbeta = 0.9\n{rule}")
+    with pytest.raises(SystemExit, match="the setting lr comes before any '# <section>: ...' line"):
+        configurator.sections(str(script))
 
 
 def tokenize(tmp_path, val_every):
@@ -83,10 +94,9 @@ def test_start_up_errors_are_one_paragraph_and_leave_no_run_folder(tmp_path, arg
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, nproc):
-    args = ["--max_steps=12", "--save_every_n_steps=5", "--gradient_accumulation_steps=1" if nproc == 2 else ""]
-    args = [a for a in args if a]
-    run_train(tmp_path, "--run_name=straight", *args, nproc=nproc)
+def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, reference_run, nproc):
+    args = ("--max_steps=12", "--save_every_n_steps=5") + (("--gradient_accumulation_steps=1",) if nproc == 2 else ())
+    ref = reference_run(*args, nproc=nproc)  # the same run as test_checkpoint's stop-and-resume reference
     cmd = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     threads = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")  # as run_train: same threads, same sums
@@ -110,8 +120,8 @@ def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, nproc):
     assert "run the same command again to continue" in seen
     proc = run_train(tmp_path, "--run_name=stopped", *args, nproc=nproc)
     assert f"resumed from {tmp_path / 'stopped' / 'checkpoints' / f'step_{stopped_at}'}" in proc.stdout
-    assert max_diff(weights(tmp_path, "straight", 12), weights(tmp_path, "stopped", 12)) == 0.0
-    losses = [{m["step"]: m["loss"] for m in metrics(tmp_path, r) if "loss" in m} for r in ("straight", "stopped")]
+    assert max_diff(weights(ref, "ref", 12), weights(tmp_path, "stopped", 12)) == 0.0
+    losses = [{m["step"]: m["loss"] for m in metrics(d, r) if "loss" in m} for d, r in ((ref, "ref"), (tmp_path, "stopped"))]
     assert losses[0] == losses[1]
 
 
