@@ -530,20 +530,20 @@ while True:
         raise SystemExit(f"data error in the batch of step {step + 1}: {e}") from None
     loss_sum = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(batches):
+        # gradients are reduced across ranks at the last micro-step only (told before the forward)
         last_micro_step = micro_step == gradient_accumulation_steps - 1
-        if is_dist and not use_deepspeed:
-            # DDP all-reduces gradients during backward; only the last micro-step needs it
+        if use_deepspeed:
+            model.set_gradient_accumulation_boundary(last_micro_step)
+        elif is_dist:
             model.require_backward_grad_sync = last_micro_step
         with autocast:
             _, loss = model(x, y)
         loss_sum += loss.detach()
+        # each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps (and
+        # the average over ranks) makes the gradient the mean over the whole global batch
         if use_deepspeed:
-            model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            if not last_micro_step:
-                model.step()  # before the boundary DeepSpeed only counts the micro-step; the optimizer steps below
+            model.backward(loss)  # DeepSpeed's engine divides by gradient_accumulation_steps itself
         else:
-            # each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps
-            # (and DDP's average over ranks) makes the gradient the mean over the whole global batch
             (loss / gradient_accumulation_steps).backward()
     grad_norm = torch.zeros((), device=device)  # DeepSpeed computes (and clips) it inside its step
     if not use_deepspeed:
@@ -557,9 +557,10 @@ while True:
     stop_asked = signal_share > 0
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         stop(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
+    # the optimizer step
     if use_deepspeed:
         skipped = model.skipped_steps
-        model.step()  # the ZeRO-2 optimizer step: it clips, and skips a step whose gradient is not finite
+        model.step()  # ZeRO-2's: it finishes the gradient shards, clips, steps, and skips a non-finite gradient
         norm = float(model.get_global_grad_norm() or 0.0)
         if model.skipped_steps > skipped:
             stop(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")

@@ -1,5 +1,5 @@
-"""Checkpoints and resume: bit-identical continuation (1 process and DDP), SIGKILL at random
-moments and mid-save, DeepSpeed ZeRO-2 against a single process, transformers loading every
+"""Checkpoints and resume: SIGKILL mid-save and at a random moment (the planned stops are in
+test_newcomer.py), DeepSpeed ZeRO-2 against a single process, transformers loading every
 checkpoint, and clear refusals of incompatible configs and damaged checkpoints."""
 
 import os
@@ -15,26 +15,10 @@ import torch
 from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
 
 STRAIGHT = ("--max_steps=6", "--save_every_n_steps=2")
-LONGER = ("--max_steps=12", "--save_every_n_steps=5")  # as test_newcomer's SIGTERM test: one reference run
 
 
 def losses(runs_dir, run):
     return {m["step"]: m["loss"] for m in metrics(runs_dir, run) if "loss" in m}
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_stop_and_resume_is_bit_identical(tmp_path, reference_run, nproc):
-    args = LONGER + (("--gradient_accumulation_steps=1",) if nproc == 2 else ())
-    ref = reference_run(*args, nproc=nproc)
-    run_train(tmp_path, "--run_name=resumed", *args, "--stop_at_step=3", nproc=nproc)
-    assert not os.path.exists(tmp_path / "resumed" / "checkpoints" / "step_5")
-    proc = run_train(tmp_path, "--run_name=resumed", *args, nproc=nproc)
-    assert "resumed from" in proc.stdout and "step_3" in proc.stdout
-    assert "step 3: checkpoint saved" not in proc.stdout  # the resumed step is not saved again
-    assert max_diff(weights(ref, "ref", 12), weights(tmp_path, "resumed", 12)) == 0.0
-    assert losses(ref, "ref") == losses(tmp_path, "resumed")
-    evals = sorted(os.listdir(tmp_path / "resumed" / "eval_results"))
-    assert evals == ["step_0.json", "step_10.json", "step_12.json", "step_5.json"]  # none at the stop
 
 
 def test_sigkill_at_random_moments_and_mid_save(tmp_path, reference_run):
@@ -42,7 +26,7 @@ def test_sigkill_at_random_moments_and_mid_save(tmp_path, reference_run):
     rng = random.Random(0)
     caught_mid_save = 0
     cmd = [sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", *STRAIGHT]
-    for trial in range(4):
+    for trial in range(3):
         run = f"killed{trial}"
         proc = subprocess.Popen(cmd + [f"--run_name={run}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -53,7 +37,7 @@ def test_sigkill_at_random_moments_and_mid_save(tmp_path, reference_run):
             while not (ckpt / target).exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.0005)
         else:
-            time.sleep(rng.uniform(2.5, 5.0))
+            time.sleep(rng.uniform(2.5, 5.0))  # anywhere: a step, an evaluation, a capture, a save
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if trial < 2:
@@ -105,14 +89,45 @@ def test_damaged_checkpoint_is_reported_not_loaded(tmp_path):
 
 
 def test_deepspeed_zero2_matches_single_process_and_resumes(tmp_path, reference_run):
+    # the published configs' shape: ZeRO-2 with gradient accumulation (here 2 micro-steps x 2 ranks x 2 rows)
     pytest.importorskip("deepspeed")
-    plain = reference_run(*STRAIGHT)
-    run_train(tmp_path, "--run_name=ds", *STRAIGHT, "--backend=deepspeed", "--gradient_accumulation_steps=1", nproc=2)
+    plain = reference_run(*STRAIGHT)  # one process: 2 micro-steps x 4 rows
+    run_train(tmp_path, "--run_name=ds", *STRAIGHT, "--backend=deepspeed", nproc=2)
     assert max_diff(weights(plain, "ref", 6), weights(tmp_path, "ds", 6)) <= 1e-5
     assert os.path.exists(tmp_path / "ds" / "checkpoints" / "step_6" / "deepspeed")
-    run_train(tmp_path, "--run_name=ds_resumed", *STRAIGHT, "--backend=deepspeed", "--gradient_accumulation_steps=1",
-              "--stop_at_step=3", nproc=2)
-    run_train(tmp_path, "--run_name=ds_resumed", *STRAIGHT, "--backend=deepspeed", "--gradient_accumulation_steps=1",
-              nproc=2)
+    run_train(tmp_path, "--run_name=ds_resumed", *STRAIGHT, "--backend=deepspeed", "--stop_at_step=3", nproc=2)
+    run_train(tmp_path, "--run_name=ds_resumed", *STRAIGHT, "--backend=deepspeed", nproc=2)
     assert max_diff(weights(tmp_path, "ds", 6), weights(tmp_path, "ds_resumed", 6)) == 0.0
     assert losses(tmp_path, "ds") == losses(tmp_path, "ds_resumed")
+
+
+@pytest.mark.parametrize("backend,nproc", [("ddp", 1), ("deepspeed", 2)])
+def test_bf16_trains_close_to_fp32_and_its_checkpoints_load(tmp_path, reference_run, backend, nproc):
+    """precision=bf16 on CPU: DDP autocasts the matmuls (fp32 weights); DeepSpeed keeps bf16 weights
+    and fp32 master copies. Losses stay within 0.1% of fp32's, each checkpoint is the model that was
+    evaluated (read back by transformers), and the learning dynamics are fp32."""
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    import data
+    ref = reference_run()
+    proc = run_train(tmp_path, "--run_name=bf16", "--precision=bf16", f"--backend={backend}", nproc=nproc)
+    assert f"cpu, bf16, backend {backend}" in proc.stdout
+    fp32, bf16 = losses(ref, "ref"), losses(tmp_path, "bf16")
+    assert fp32.keys() == bf16.keys() and bf16 != fp32  # bf16 did round something
+    # measured: at most 8e-5 apart (relative) over these 4 steps; allowed: 1e-3
+    assert max(abs(bf16[s] / fp32[s] - 1) for s in fp32) <= 1e-3, (fp32, bf16)
+    seqs = torch.from_numpy(data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1))
+    for step in (0, 4):
+        step_dir = tmp_path / "bf16" / "checkpoints" / f"step_{step}"
+        hf = transformers.AutoModelForCausalLM.from_pretrained(step_dir).float().eval()
+        with torch.no_grad():
+            logits = hf(seqs[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seqs[:, 1:].flatten()).item()
+        logged = json.load(open(tmp_path / "bf16" / "eval_results" / f"step_{step}.json"))["loss"]
+        assert abs(loss / logged - 1) <= 0.01, (step, loss, logged)
+        for kind in ("activations", "weights", "gradients"):
+            saved = torch.load(step_dir / "learning_dynamics" / f"val_{kind}.pt", weights_only=True)
+            assert {t.dtype for t in saved.values()} == {torch.float32}, (step, kind)

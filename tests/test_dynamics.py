@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dynamics
-from helpers import max_diff, run_train, weights
+from helpers import max_diff, metrics, run_train, weights
 from model import load_pretrained
 
 SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
@@ -99,6 +99,7 @@ def test_two_processes_write_the_same_files_as_one(tmp_path, reference_run, back
 
 
 def test_capture_on_and_off_train_identically(tmp_path, reference_run):
+    # (two runs of one seed: this is also the test that a run is deterministic)
     on = reference_run()  # captures the default layers
     run_train(tmp_path, "--run_name=off", "--max_steps=4", "--layer_suffixes=")
     assert not os.path.exists(tmp_path / "off" / "checkpoints" / "step_2" / "learning_dynamics")
@@ -106,7 +107,37 @@ def test_capture_on_and_off_train_identically(tmp_path, reference_run):
     assert final == ["val_activations.pt", "val_gradients.pt", "val_weights.pt"]
     assert max_diff(weights(on, "ref", 4), weights(tmp_path, "off", 4)) == 0.0
 
+    def logged(runs, run):  # every logged number but the speed
+        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics(runs, run)]
+    assert logged(on, "ref") == logged(tmp_path, "off")
+
 
 def test_unknown_suffix_fails_at_start(tmp_path):
     proc = run_train(tmp_path, "--run_name=typo", "--layer_suffixes=attention.v_projj", check=False)
     assert proc.returncode != 0 and "match no linear layer" in proc.stderr
+
+
+def test_the_train_rows_folder_is_the_one_datasets_writes(tmp_path):
+    """dynamics.save_rows writes Dataset.save_to_disk's folder with pyarrow alone: datasets reads it
+    back as the same rows and features, and the files match datasets' own, byte for byte in the
+    Arrow data and field for field in the JSON (the fingerprint aside)."""
+    datasets = pytest.importorskip("datasets")
+    import json
+
+    import data
+    rows = np.random.default_rng(0).integers(0, 50280, (3, 9))
+    tok = data.load_tokenizer()
+    dynamics.save_rows(rows, tmp_path / "ours", tok)
+    text = tok.decode_batch(rows.tolist(), skip_special_tokens=False)
+    features = datasets.Features({"input_ids": datasets.LargeList(datasets.Value("int32")), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"input_ids": rows.tolist(), "text": text}, features=features).save_to_disk(str(tmp_path / "theirs"))
+    ours, theirs = (datasets.load_from_disk(str(tmp_path / d)) for d in ("ours", "theirs"))
+    assert ours.features == theirs.features == features and ours[:] == theirs[:]
+    assert ours["input_ids"] == rows.tolist() and ours["text"] == text
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "theirs"))
+    arrow = "data-00000-of-00001.arrow"
+    assert (tmp_path / "ours" / arrow).read_bytes() == (tmp_path / "theirs" / arrow).read_bytes()
+    for name in ("dataset_info.json", "state.json"):
+        mine, reference = (json.load(open(tmp_path / d / name)) for d in ("ours", "theirs"))
+        mine.pop("_fingerprint", None), reference.pop("_fingerprint", None)
+        assert mine == reference, name

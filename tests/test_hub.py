@@ -11,8 +11,9 @@ import sys
 import time
 
 import pytest
+import yaml
 
-from helpers import ROOT, TINY, run_train
+from helpers import ROOT, TINY, max_diff, run_train, weights
 from hub_server import HubServer
 
 REPO = "tester/pico-demo"
@@ -54,7 +55,7 @@ def run_hub_cli(hub, *args):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, hub):
+def test_a_pushed_run_has_one_commit_per_artefact_and_is_read_and_resumed_from_the_hub(tmp_path, hub):
     # with a log-spaced checkpoint (step 1) besides the regular ones (0, 2, 4)
     proc = run_train(tmp_path, *hub_args("pushed"), "--hf_collection_slug=tester/pico-runs-0123",
                      "--save_log_spaced_until=1", env=hub.env)
@@ -84,30 +85,22 @@ def test_run_pushes_one_commit_per_artefact_and_steps_can_be_fetched(tmp_path, h
                 assert (out / "learning_dynamics" / name).read_bytes() == \
                     (local / f"step_{step}" / "learning_dynamics" / name).read_bytes(), (step, name)
 
-
-def test_a_run_read_back_from_the_hub_works_with_a_pico_analyze_reader(tmp_path, hub):
+    # read back as pico-analyze reads a run: the config, then a step's dynamics at its commit
     from test_dynamics import read_like_pico_analyze
-    run_train(tmp_path, *hub_args("analyze"), env=hub.env)
-    out = tmp_path / "from_hub"
-    for what in ("config", "dynamics"):
-        proc = run_hub_cli(hub, "download", REPO, "--branch", "analyze", "--step", "2", "--what", what, "--out", str(out))
-        assert proc.returncode == 0, proc.stderr
-    import yaml
-    cfg = yaml.safe_load(open(out / "training_config.yaml"))
-    assert cfg["model"]["d_model"] == 32 and cfg["checkpointing"]["run_name"] == "analyze"
-    for split in ("train", "val"):
-        read_like_pico_analyze(out / "learning_dynamics", split, 2)
-
-
-def test_resume_from_a_step_on_the_hub(tmp_path, hub):
-    from helpers import max_diff, weights
-    run_train(tmp_path, *hub_args("origin"), env=hub.env)
-    elsewhere = tmp_path / "elsewhere"
-    proc = run_hub_cli(hub, "restore", REPO, "--branch", "origin", "--step", "2", "--run-dir", str(elsewhere / "origin"))
+    proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", "2", "--what", "config", "--out", str(tmp_path / "dl2"))
     assert proc.returncode == 0, proc.stderr
-    proc = run_train(elsewhere, "--run_name=origin", "--max_steps=4")
+    cfg = yaml.safe_load(open(tmp_path / "dl2" / "training_config.yaml"))
+    assert cfg["model"]["d_model"] == 32 and cfg["checkpointing"]["run_name"] == "pushed"
+    for split in ("train", "val"):
+        read_like_pico_analyze(tmp_path / "dl2" / "learning_dynamics", split, 2)
+
+    # restored elsewhere from step 2, the run resumes and ends where the original did
+    elsewhere = tmp_path / "elsewhere"
+    proc = run_hub_cli(hub, "restore", REPO, "--branch", "pushed", "--step", "2", "--run-dir", str(elsewhere / "pushed"))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_train(elsewhere, "--run_name=pushed", "--max_steps=4", "--save_log_spaced_until=1")
     assert "resumed from" in proc.stdout
-    assert max_diff(weights(tmp_path, "origin", 4), weights(elsewhere, "origin", 4)) == 0.0
+    assert max_diff(weights(tmp_path, "pushed", 4), weights(elsewhere, "pushed", 4)) == 0.0
 
 
 def test_outage_mid_run_loses_nothing(tmp_path, hub):

@@ -1,6 +1,6 @@
 """The newcomer's path: --help, your own data evaluated on its own held-out split, start-up errors
-that are one line and leave no run folder (no network included), and a safe stop on SIGTERM that
-resumes bit-identically (one process and 2-process DDP)."""
+that are one line and leave no run folder (no network included), and safe stops (stop_at_step,
+SIGTERM, SIGINT) that resume bit-identically (one process and 2-process DDP)."""
 
 import ast
 import json
@@ -94,9 +94,14 @@ def test_start_up_errors_are_one_paragraph_and_leave_no_run_folder(tmp_path, arg
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, reference_run, nproc):
+def test_stopped_by_stop_at_step_then_by_sigterm_resumes_bit_identically(tmp_path, reference_run, nproc):
+    """Three sessions of one run: the first ends at stop_at_step=3 (a job's time limit), the second
+    is sent SIGTERM (a scheduler's warning) after step 5, the third finishes. The result equals a
+    run never stopped, bit for bit, for one process and for 2-process DDP."""
     args = ("--max_steps=12", "--save_every_n_steps=5") + (("--gradient_accumulation_steps=1",) if nproc == 2 else ())
-    ref = reference_run(*args, nproc=nproc)  # the same run as test_checkpoint's stop-and-resume reference
+    ref = reference_run(*args, nproc=nproc)
+    run_train(tmp_path, "--run_name=stopped", *args, "--stop_at_step=3", nproc=nproc)
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["latest", "step_0", "step_3"]
     cmd = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     threads = "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")  # as run_train: same threads, same sums
@@ -104,7 +109,7 @@ def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, reference_r
                             env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = ""
-    while not re.search(r"step [67]/12", seen):  # past the step-5 checkpoint, before the end
+    while not re.search(r"step [67]/12", seen):  # resumed at 3, past the step-5 checkpoint, before the end
         line = proc.stdout.readline()
         assert line, seen[-3000:]
         seen += line
@@ -115,6 +120,7 @@ def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, reference_r
     rest, _ = proc.communicate(timeout=120)
     seen += rest
     assert proc.returncode == 0, seen[-3000:]
+    assert "resumed from" in seen and "step_3" in seen and "step 3: checkpoint saved" not in seen  # not saved twice
     stopped_at = int(re.search(r"stopped at step (\d+) by a signal", seen).group(1))
     assert 6 <= stopped_at < 12 and os.readlink(tmp_path / "stopped" / "checkpoints" / "latest") == f"step_{stopped_at}"
     assert "run the same command again to continue" in seen
@@ -123,6 +129,8 @@ def test_sigterm_mid_run_saves_and_resumes_bit_identically(tmp_path, reference_r
     assert max_diff(weights(ref, "ref", 12), weights(tmp_path, "stopped", 12)) == 0.0
     losses = [{m["step"]: m["loss"] for m in metrics(d, r) if "loss" in m} for d, r in ((ref, "ref"), (tmp_path, "stopped"))]
     assert losses[0] == losses[1]
+    evals = sorted(os.listdir(tmp_path / "stopped" / "eval_results"))
+    assert evals == ["step_0.json", "step_10.json", "step_12.json", "step_5.json"]  # none at the stops
 
 
 def test_a_second_signal_stops_at_once(tmp_path):

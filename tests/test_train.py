@@ -15,9 +15,7 @@ from helpers import ROOT, max_diff, metrics, run_train, weights
 def test_gradient_accumulation_is_exact(tmp_path, reference_run):
     ref = reference_run()  # 2 micro-steps of 4 sequences
     run_train(tmp_path, "--run_name=one", "--gradient_accumulation_steps=1")  # one micro-step of 8
-    run_train(tmp_path, "--run_name=four", "--gradient_accumulation_steps=4")  # 4 of 2
     assert max_diff(weights(tmp_path, "one", 4), weights(ref, "ref", 4)) <= 1e-6
-    assert max_diff(weights(tmp_path, "one", 4), weights(tmp_path, "four", 4)) <= 1e-6
     assert max_diff(weights(tmp_path, "one", 0), weights(tmp_path, "one", 4)) > 1e-3  # it trained
 
 
@@ -39,15 +37,6 @@ def test_four_processes_with_the_demo_batch_arithmetic(tmp_path, reference_run):
     proc = run_train(tmp_path, "--run_name=four", "--max_steps=2", nproc=4)
     assert "2 micro-steps x 4 ranks x sub-batch 1" in proc.stdout
     assert max_diff(weights(ref, "ref", 2), weights(tmp_path, "four", 2)) <= 1e-5
-
-
-def test_same_seed_twice_is_bit_identical(tmp_path, reference_run):
-    ref = reference_run()
-    run_train(tmp_path, "--run_name=again")
-    assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "again", 4)) == 0.0
-    def logged(runs, run):  # every logged number but the speed
-        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics(runs, run)]
-    assert logged(ref, "ref") == logged(tmp_path, "again")
 
 
 def test_run_folder_layout_and_config_yaml(reference_run):
