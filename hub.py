@@ -198,24 +198,26 @@ class Uploader:
                 except PermanentError as e:
                     self.log(f"hub: not added to the collection: {e}")
             self.on_hub = {c.title for c in self._call(lambda: api.list_repo_commits(repo, revision=branch), "listing commits")}
-            if earlier := sum(c["step"] in self.earlier for c in self.todo()):
+            remote = set(self._call(lambda: api.list_repo_files(repo, revision=branch), "listing files"))  # kept below
+            self.left = self.todo()
+            if earlier := sum(c["step"] in self.earlier for c in self.left):
                 self.log(f"hub: {earlier} commit(s) left from an earlier session; uploading them first")
             while True:
-                self.wake.clear()
-                self.left = self.todo()
                 if not self.left and self.stopping:
                     return
                 if not self.left:
                     self.wake.wait()
                 for c in self.left:  # add its files, delete the ones it replaces
-                    remote = self._call(lambda: api.list_repo_files(repo, revision=branch), "listing files")
-                    ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + [
-                        CommitOperationDelete(p) for p in sorted(remote)
-                        if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"])]
+                    stale = sorted(p for p in remote if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"]))
+                    ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + \
+                        [CommitOperationDelete(p) for p in stale]
                     self._call(lambda: api.create_commit(repo, ops, commit_message=c["title"], revision=branch), c["title"])
+                    remote = (remote - set(stale)) | set(c["files"])
                     self.on_hub.add(c["title"])
                     self.left = self.left[1:]
                     self.log(f"hub: {c['title']}: uploaded")
+                self.wake.clear()
+                self.left = self.todo()
         except Exception as e:  # noqa: BLE001 - the uploader never takes training down
             self.failed = str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {_scrub(str(e))}"
             self.log(f"hub: uploads stopped: {self.failed} Everything stays in {self.run_dir}: "
