@@ -278,6 +278,72 @@ def hub_upload_cost(model, opt, cfg, batch, micro, device):
     return statistics.median(idle), statistics.median(busy) if busy else float("nan"), upload_s
 
 
+def hub_data_cost(folder, steps, workers=4, seq_len=2048, batch=64, rate=None, step_s=0.0, budget_gb=0.0):
+    """A Hub dataset (the parquet files of `folder`) read by `workers` ranks of one node in lockstep
+    (a gloo barrier after each step), each step standing in for training by sleeping step_s, with
+    the local Hub server sending at `rate` bytes/s (None: at once). Returns what the server sent,
+    what the run read, and each rank's rows and waits (see hub_data_worker)."""
+    import json
+    import socket
+    import subprocess
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from hub_server import HubServer
+    server = HubServer().start()
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet"))
+    server.create("datasets/bench/tokens")
+    server.plant("datasets/bench/tokens", "main", "data", {f"data/{f}": open(os.path.join(folder, f), "rb").read()
+                                                         for f in files})
+    server.state.rate, server.state.bytes_sent = rate, 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"seq_len": seq_len, "batch": batch, "steps": steps, "step_s": step_s, "budget_gb": budget_gb,
+               "cache": os.path.join(tmp, "cache")}
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": os.path.join(tmp, "hf"), "WORLD_SIZE": str(workers), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "BENCH_JOB": json.dumps(job), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", "import bench; bench.hub_data_worker()"], cwd=ROOT,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in range(workers)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        cached = sorted(f for _, _, fs in os.walk(job["cache"]) for f in fs if f.endswith(".parquet"))
+        server.stop()
+        for p, (out, err) in zip(procs, outs):
+            if p.returncode:
+                raise RuntimeError(f"a data worker failed:\n{err[-3000:]}")
+        ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
+    read = {f for r in ranks for f in r["shards"]}
+    return {"bytes_sent": server.state.bytes_sent, "bytes_read": sum(os.path.getsize(os.path.join(folder, f)) for f in read),
+            "gets": {f: gets.count(f) for f in files}, "cached": cached, "ranks": ranks}
+
+
+def hub_data_worker():
+    """One rank of hub_data_cost: prints its rows (token 0 of each), the seconds each step waited
+    for files, and the files it read."""
+    import json
+    import torch.distributed as dist
+    job = json.loads(os.environ["BENCH_JOB"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stream = data.TrainStream("bench/tokens", job["seq_len"], 50304, job["batch"], job["batch"] // world, rank, world,
+                              cache_dir=job["cache"], cache_budget_gb=job["budget_gb"],
+                              fetcher=int(os.environ["LOCAL_RANK"]) == 0)
+    out = {"rows": [], "waits": []}
+    for _ in range(job["steps"]):
+        waited = stream.hub.waited
+        subs = stream.next_batch()
+        out["waits"].append(stream.hub.waited - waited)
+        out["rows"] += [int(t) for x, _ in subs for t in x[:, 0]]
+        time.sleep(job["step_s"])  # the training step
+        dist.barrier()
+    assert stream.epoch == 0, "steps must stay within one pass over the data"
+    out["shards"] = [os.path.basename(s.name) for s in stream.shards[:stream.shard + 1]]
+    dist.destroy_process_group()
+    print(json.dumps(out))
+
+
 def gpu_bench(steps=10, smoke=False):
     """pico-decoder small and medium, bf16, seq 2048, one GPU: tokens/s and MFU. With smoke=True
     the same code runs at toy size on whatever device there is (the tests use it on CPU)."""

@@ -33,6 +33,8 @@ import logging
 import lzma
 import os
 import re
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -74,29 +76,34 @@ def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of 
 
 
 class ParquetShard:
-    """One parquet file (local path, or a path on an fsspec filesystem such as the Hub's)."""
+    """One parquet file: a local path, or file `index` of a Hub dataset (`hub`, a HubShards),
+    downloaded whole into the node's cache the first time it is opened."""
 
-    def __init__(self, path, fs=None):
-        self.name, self.fs = path, fs
+    def __init__(self, name, hub=None, index=None):
+        self.name, self.hub, self.index = name, hub, index
         self._file = None
         self._cached = (None, None)  # (row group index, table) of the last row group read
 
     def _open(self):
         if self._file is None:
-            def open_file():
-                if not self.fs and os.path.getsize(self.name) == 0:
-                    raise DataError(f"{self.name}: the file is empty (0 bytes); remove it or write it again")
-                try:
-                    f = pq.ParquetFile(self.fs.open(self.name, "rb") if self.fs else self.name)
-                except pa.ArrowInvalid as e:
-                    raise DataError(f"{self.name}: not a parquet file ({e}); dataset_name must hold parquet files "
-                                    f"of token ids (python data.py tokenize makes them from text)") from None
-                check_schema(f.schema_arrow, self.name)
-                return f
-            self._file = _retry(open_file, f"opening {self.name}") if self.fs else open_file()
+            path = self.hub.path(self.index) if self.hub else self.name
+            if os.path.getsize(path) == 0:
+                raise DataError(f"{self.name}: the file is empty (0 bytes); remove it or write it again")
+            try:
+                self._file = pq.ParquetFile(path)
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{self.name}: not a parquet file ({e}); dataset_name must hold parquet files "
+                                f"of token ids (python data.py tokenize makes them from text)") from None
+            check_schema(self._file.schema_arrow, self.name)
             sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
             self._starts = np.cumsum([0] + sizes)
         return self._file
+
+    def close(self):
+        """Let go of the file (the stream has moved past it), so that removing it frees its space."""
+        if self._file is not None:
+            self._file.close()
+        self._file, self._cached = None, (None, None)
 
     @property
     def num_rows(self):
@@ -108,14 +115,88 @@ class ParquetShard:
         g = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < stop:
             if self._cached[0] != (g, columns):
-                what = f"reading row group {g} of {self.name}"
-                table = _retry(lambda: f.read_row_group(g, columns=list(columns)), what) if self.fs \
-                    else f.read_row_group(g, columns=list(columns))
-                self._cached = ((g, columns), table)
+                self._cached = ((g, columns), f.read_row_group(g, columns=list(columns)))
             lo, hi = int(self._starts[g]), int(self._starts[g + 1])
             pieces.append(self._cached[1].slice(start - lo, min(stop, hi) - start))
             start, g = min(stop, hi), g + 1
         return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class HubShards:
+    """The shard files of one revision of a Hub dataset, each downloaded whole into a cache folder
+    on this node (huggingface_hub's cache layout, in cache_dir or the Hugging Face cache).
+
+    huggingface_hub takes a file lock around each download and moves finished files into place
+    atomically, so the ranks of a node fetch each file once: the first to ask downloads it, the
+    others wait on the lock and then open the same local file. The fetching rank (local rank 0)
+    also asks for the next shard in a background thread while the current one trains, and removes
+    the files it fetched once the run has passed them, while they take more than the disk budget."""
+
+    def __init__(self, repo_id, revision, files, cache_dir=None):
+        self.repo_id, self.revision, self.files, self.cache_dir = repo_id, revision, files, cache_dir
+        self.local = {}  # index -> (path, bytes) of the files this process fetched and has not removed
+        self.lock = threading.Lock()  # self.local is written by the background download too
+        self.threads = {}  # index -> background download
+        self.waited = 0.0  # seconds spent waiting for files (the bench reads it)
+
+    def name(self, i):
+        return f"datasets/{self.repo_id}/{self.files[i]}"
+
+    def fetch(self, i):
+        """The local path of file i, downloaded first if this node does not have it yet."""
+        from huggingface_hub import hf_hub_download
+        path = _retry(lambda: hf_hub_download(self.repo_id, self.files[i], repo_type="dataset",
+                                              revision=self.revision, cache_dir=self.cache_dir),
+                      f"downloading {self.name(i)}")
+        with self.lock:
+            self.local[i] = (path, os.path.getsize(path))
+        return path
+
+    def path(self, i):
+        """File i for reading now: waits for its background download if one is under way."""
+        t0 = time.perf_counter()
+        if i in self.threads:
+            self.threads.pop(i).join()
+        path = self.fetch(i)
+        self.waited += time.perf_counter() - t0
+        return path
+
+    def prefetch(self, i):
+        """Start downloading file i in the background, unless it is here or on its way."""
+        if i in self.local or i in self.threads:
+            return
+
+        def quietly():
+            try:
+                self.fetch(i)
+            except Exception as e:  # noqa: BLE001 - path(i) fetches it again when it is needed, and says why it fails
+                log.info("background download of %s failed (%s); it is tried again when needed", self.name(i), e)
+        self.threads[i] = threading.Thread(target=quietly, name=f"prefetch-{i}", daemon=True)
+        self.threads[i].start()
+
+    def evict(self, first, last, budget):
+        """Remove fetched files while they take more than `budget` bytes, keeping files first..last + 1
+        (in the order of the data, wrapping at the end), the ones some rank may still read or is about
+        to. The file needed again furthest in the future (the one just passed) goes first."""
+        n, keep = len(self.files), {first}
+        while first != (last + 1) % n:
+            first = (first + 1) % n
+            keep.add(first)
+        with self.lock:
+            local = dict(self.local)
+        total = sum(size for _, size in local.values())
+        for i in sorted(set(local) - keep - set(self.threads), key=lambda i: (i - last) % n, reverse=True):
+            if total <= budget:
+                break
+            with self.lock:
+                path, size = self.local.pop(i)
+            for f in {os.path.realpath(path), path}:  # the blob and its snapshot link (cache layout)
+                try:
+                    os.remove(f)
+                except FileNotFoundError:
+                    pass
+            total -= size
+            log.debug("removed %s from the data cache (%.1f MB)", self.name(i), size / 2**20)
 
 
 class TableShard:
@@ -128,6 +209,9 @@ class TableShard:
     @property
     def num_rows(self):
         return self.table.num_rows
+
+    def close(self):
+        pass  # memory-mapped: nothing to let go of
 
     def read(self, start, stop, columns=("input_ids",)):
         return self.table.select(list(columns)).slice(start, stop - start)
@@ -175,10 +259,11 @@ def is_local(name):
     return os.path.exists(name) or any(c in name for c in "*?[") or name.startswith((".", "/", "~"))
 
 
-def open_shards(name, split=None, strict=False):
+def open_shards(name, split=None, strict=False, cache_dir=None):
     """Resolve a dataset name into an ordered list of shards.
     name: a local folder of parquet files, a glob of them, a Dataset.save_to_disk folder, or a
-    Hugging Face Hub dataset id (e.g. pico-lm/pretokenized-dolma). A dataset whose files name no
+    Hugging Face Hub dataset id (e.g. pico-lm/pretokenized-dolma), whose files are downloaded whole
+    into cache_dir (None: the Hugging Face cache) as they are read. A dataset whose files name no
     split at all is the one split of itself, unless strict."""
     if is_local(name):
         # a local path never needs the network; without this, datasets and huggingface_hub would
@@ -216,27 +301,30 @@ def open_shards(name, split=None, strict=False):
         raise DataError(f"{name!r} is a Hugging Face Hub dataset, but HF_HUB_OFFLINE is set (no network). "
                         f"Use the embedded corpus (python train.py config/demo.py) or point "
                         f"dataset_name at a local folder of parquet files.")
-    from huggingface_hub import HfFileSystem
-
-    from huggingface_hub import constants
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars
 
-    fs = HfFileSystem()
-    root = f"datasets/{name}"
+    disable_progress_bars()  # a bar per shard download would flood the log
+    api = HfApi()
     no_network = (f"Could not reach the Hugging Face Hub at {constants.ENDPOINT}: is there no network? Train on "
                   f"the embedded corpus (python train.py config/demo.py), point dataset_name at a local folder "
                   f"of parquet files, or set HF_HUB_OFFLINE=1 to say you are offline.")
     try:  # the first contact with the Hub: no network shows here, so three tries (3 s), not six
-        files = _retry(lambda: sorted(fs.glob(f"{root}/**/*.parquet")), f"listing files of {name} on the Hub",
-                       3, hint=no_network)
-    except (RepositoryNotFoundError, FileNotFoundError):
+        revision = _retry(lambda: api.dataset_info(name).sha, f"listing files of {name} on the Hub", 3,
+                          hint=no_network)
+    except RepositoryNotFoundError:
         raise DataError(f"{name}: no such dataset on the Hugging Face Hub ({constants.ENDPOINT}), and no "
                         f"local file or folder of that name") from None
-    rel = [f[len(root) + 1:] for f in files]
-    files = [f"{root}/{r}" for r in _pick_split(rel, split, name, strict)]
+    # every rank lists and downloads this one commit, even if the dataset changes during the run
+    files = _retry(lambda: sorted(f.path for f in api.list_repo_tree(name, repo_type="dataset", revision=revision,
+                                                                      recursive=True) if f.path.endswith(".parquet")),
+                   f"listing files of {name} on the Hub")
+    files = _pick_split(files, split, name, strict)
     if not files:
         raise DataError(f"{name}: the Hub dataset has no parquet files")
-    return [ParquetShard(f, fs) for f in files]
+    shards = HubShards(name, revision, files, cache_dir)
+    return [ParquetShard(shards.name(i), shards, i) for i in range(len(files))]
 
 
 def held_out_split(name):
@@ -310,18 +398,21 @@ class TrainStream:
     state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
 
     def __init__(self, name, seq_len, vocab_size, batch_size, sub_batch, rank=0, world_size=1,
-                 split="train", device="cpu"):
+                 split="train", device="cpu", cache_dir=None, cache_budget_gb=None, fetcher=True):
         if batch_size % (sub_batch * world_size):
             raise ValueError(f"batch_size {batch_size} is not divisible by sub_batch {sub_batch} x "
                              f"world_size {world_size}")
         self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
         self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
         self.device = device
-        self.shards = open_shards(name, split)
+        self.shards = open_shards(name, split, cache_dir=cache_dir)
+        # a Hub dataset: its files come into the node's cache; the fetcher (one rank per node) fetches the
+        # next one in the background and removes passed ones while they take more than the budget
+        self.hub = getattr(self.shards[0], "hub", None)
+        self.fetcher, self.budget = fetcher, None if cache_budget_gb is None else cache_budget_gb * 2**30
         # open local shards now (a footer each), so an empty or broken file stops the run before any
-        # work; a Hub dataset (10,000 shards) opens its first one now and the others as it reaches them
-        on_hub = getattr(self.shards[0], "fs", None) is not None
-        if sum(s.num_rows for s in (self.shards[:1] if on_hub else self.shards)) == 0 and not on_hub:
+        # work; a Hub dataset (10,000 shards) downloads each file as the run reaches it
+        if not self.hub and sum(s.num_rows for s in self.shards) == 0:
             raise DataError(f"{name}: the dataset has no rows")
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
         self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
@@ -344,11 +435,16 @@ class TrainStream:
             k = self._seqs_per_row(shard)
             total = shard.num_rows * k
             if self.seq >= total:  # end of shard -> next shard, next epoch after the last one
+                shard.close()
                 self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
                 if self.shard == len(self.shards):
                     self.shard, self.epoch = 0, self.epoch + 1
                     log.info("%s: end of data, starting epoch %d", self.name, self.epoch)
                 continue
+            if self.hub and self.fetcher and self.shard + 1 < len(self.shards):
+                # the next file downloads while this one trains (not past the end: a run of one pass,
+                # as the published configs are, would fetch the first file again for nothing)
+                self.hub.prefetch(self.shard + 1)
             take = min(n, total - self.seq)
             row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
             ids = rows_to_array(shard.read(row0, row1), shard.name, row0, self.vocab_size, self._row_len)
@@ -366,7 +462,12 @@ class TrainStream:
             self.load_state_dict(state)
 
     def next_batch(self):
+        first = self.shard
         seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch
+        if self.hub and self.fetcher and self.budget is not None:
+            # every rank has read the previous batch (its gradients were reduced), so none reads
+            # before `first` any more
+            self.hub.evict(first, self.shard, self.budget)
         per_rank = self.batch_size // self.world_size
         mine = torch.from_numpy(seqs[self.rank * per_rank:(self.rank + 1) * per_rank])
         subs = []
@@ -392,12 +493,12 @@ class TrainStream:
             self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
 
 
-def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None):
+def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, cache_dir=None):
     """A fixed evaluation set as an (N, L) int64 array, L = seq_len + 1 (rows cut into windows
     like training rows) or L = seq_len (rows of exactly max_seq_len tokens, as paloma-tinsy's
     2048-token rows: their predictions are row[1:] from row[:-1])."""
     arrays, rows = [], 0
-    for shard in open_shards(name, split):
+    for shard in open_shards(name, split, cache_dir=cache_dir):
         n = shard.num_rows if max_rows is None else min(shard.num_rows, max_rows - rows)
         if n > 0:
             arrays.append(rows_to_array(shard.read(0, n), shard.name, 0, vocab_size))

@@ -91,8 +91,12 @@ def transient(e):
         return status >= 500 or status == 429
     local = (ValueError, TypeError, LookupError, AttributeError, NameError, ImportError, AssertionError,
              FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-    return not any(isinstance(x, local) or type(x).__name__ in ("OfflineModeIsEnabled", "EntryNotFoundError")
-                   for x in _chain(e))
+
+    def is_local(x):
+        if type(x).__name__ == "LocalEntryNotFoundError":  # a download found no answer and no copy: its cause says why
+            return x.__cause__ is None
+        return isinstance(x, local) or type(x).__name__ in ("OfflineModeIsEnabled", "EntryNotFoundError")
+    return not any(is_local(x) for x in _chain(e))
 
 
 def retry(fn, what, log, attempts=None, max_delay=30.0):

@@ -50,6 +50,8 @@ dataset_name = "pico-lm/pretokenized-dolma"  # a Hub dataset, a folder/glob of p
 dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
 batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
+data_cache_dir = None  # a Hub dataset's files are downloaded here, once per node (None: the Hugging Face cache)
+data_cache_gb = 20.0  # files this run downloaded there and has passed are removed while they take more than this
 # evaluation: held-out loss and paloma at each checkpoint
 eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"  # None: the training data's held-out split
 eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val', whichever the data has)
@@ -98,7 +100,7 @@ for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps",
                           ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""), ("save_log_spaced_until", 0, ""),
                           ("max_steps", 0, " (the run's length in optimizer steps)"),
                           ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
-                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)")):
+                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, "")):
     value = globals()[name]
     if value is not None and (isinstance(value, (bool, str, list)) or value < least):
         raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
@@ -220,18 +222,21 @@ peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cud
 log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 
 # -----------------------------------------------------------------------------
-# data (every shard is opened and its schema checked now, so a bad file stops the run before any work)
+# data (local files are opened and their schemas checked now, so a bad file stops the run before any work;
+# a Hub dataset's files are downloaded as the run reaches them)
 try:
     train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
-                                  split=dataset_split, device=device)
+                                  split=dataset_split, device=device, cache_dir=data_cache_dir,
+                                  cache_budget_gb=data_cache_gb, fetcher=local_rank == 0)
     if eval_dataset_name is None:  # follow the training data: its held-out split
         eval_dataset_name, eval_dataset_split = dataset_name, data.held_out_split(dataset_name)
-    eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows)
+    eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows,
+                                         data_cache_dir)
     learning_dynamics_eval_data = learning_dynamics_eval_data or eval_dataset_name
     dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
     if layer_suffixes:
         dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else data.load_eval_sequences(
-            learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split))
+            learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split, cache_dir=data_cache_dir))
 except data.DataError as e:
     raise SystemExit(f"data error: {e}") from None
 eval_set = f"{eval_dataset_name} ({eval_dataset_split})"

@@ -6,6 +6,7 @@ stop()/start() of the server (to test outages). Tokens: "bad" is refused with 40
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -18,15 +19,22 @@ class HubState:
         self.repos = {}  # repo_id -> {"branches": {name: commit id}, "commits": {id: commit}}
         self.blobs = {}  # sha256 hex -> bytes
         self.lock = threading.Lock()
+        self.count = threading.Lock()  # guards bytes_sent (replies are written outside self.lock)
         self.requests = []  # (method, path) of every request, for assertions
         self.collections = {}  # slug -> [item ids]
         self.echo_token = False  # refuse every request with 403, echoing the Authorization header (a leaky server)
+        self.bytes_sent = 0  # response body bytes, all requests together (to measure what downloads cost)
+        self.rate = None  # bytes per second: bodies are sent at this pace (a slow link); None: at once
 
     def new_commit(self, repo, parent, title, files):
         cid = hashlib.sha1(f"{len(repo['commits'])}{title}{time.time_ns()}".encode()).hexdigest()
         repo["commits"][cid] = {"id": cid, "parent": parent, "title": title, "files": files,
                                 "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
         return cid
+
+    def add_repo(self, repo_id):
+        repo = self.repos[repo_id] = {"branches": {}, "commits": {}}
+        repo["branches"]["main"] = self.new_commit(repo, None, "initial commit", {})
 
     def resolve(self, repo, rev):
         rev = unquote(rev)
@@ -47,6 +55,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # helpers -------------------------------------------------------------------------------
     def reply(self, status, body=b"", headers=None, content_type="application/json"):
+        self.answer = (status, body, headers, content_type)  # sent once the state lock is let go
+
+    def send(self, status, body=b"", headers=None, content_type="application/json"):
         if not isinstance(body, (bytes, bytearray)):
             body = json.dumps(body).encode()
         self.send_response(status)
@@ -55,8 +66,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        for i in range(0, len(body), 1 << 16):
+            chunk = body[i:i + (1 << 16)]
+            if self.state.rate:
+                time.sleep(len(chunk) / self.state.rate)
+            self.wfile.write(chunk)
+            with self.state.count:
+                self.state.bytes_sent += len(chunk)
 
     def error(self, status, message, code=None):
         headers = {"X-Error-Message": message}
@@ -85,6 +103,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # routing -------------------------------------------------------------------------------
     def route(self):
+        self.answer = None
+        self.handle_request()
+        if self.answer:
+            self.send(*self.answer)
+
+    def handle_request(self):
         self.state.requests.append((self.command, self.path))
         if not self.authorized():
             return
@@ -151,9 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         url = f"{self.base}/{repo_id}"
         if repo_id in self.state.repos:
             return self.reply(409, {"error": "You already created this model repo", "url": url})
-        repo = {"branches": {}, "commits": {}}
-        repo["branches"]["main"] = self.state.new_commit(repo, None, "initial commit", {})
-        self.state.repos[repo_id] = repo
+        self.state.add_repo(repo_id)
         self.reply(200, {"url": url, "name": repo_id})
 
     def create_branch(self, repo, branch):
@@ -278,6 +300,16 @@ class Handler(BaseHTTPRequestHandler):
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    connections = None  # the open client sockets, closed by stop() (an outage cuts kept-alive ones too)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        self.connections = (self.connections or set()) | {sock}
+        return sock, address
+
+    def shutdown_request(self, request):
+        self.connections.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         pass  # clients that hang up mid-request (a killed trainer, a stopped server) are expected
@@ -312,12 +344,22 @@ class HubServer:
 
     def stop(self):
         self.httpd.shutdown()
+        for sock in list(self.httpd.connections or ()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.httpd.server_close()
 
     def files(self, repo_id, rev):
         repo = self.state.repos[repo_id]
         cid = self.state.resolve(repo, rev)
         return {p: self.state.blobs[o] for p, o in repo["commits"][cid]["files"].items()}
+
+    def create(self, repo_id):
+        """An empty repository (datasets/owner/name for a dataset) with its first commit on main."""
+        with self.state.lock:
+            self.state.add_repo(repo_id)
 
     def plant(self, repo_id, branch, title, files):
         """Commit files ({repo path: bytes}) to a branch directly, as the owner of a hostile or

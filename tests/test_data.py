@@ -144,29 +144,32 @@ def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
     """hub.transient, used by the uploads (hub.py) and the dataset reads (data.py): a 5xx, a 429 or
     no answer at all is retried; any other answer (401, 403, 404, ...) or a local error is not."""
     import httpx
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
 
     import hub
 
     def answer(status, cls=HfHubHTTPError):
         return cls(f"HTTP {status}", response=httpx.Response(status, request=httpx.Request("GET", "http://hub/x")))
 
-    def wrapped(cause):  # as a client raises it: its own error, the network one as the cause
+    def wrapped(cause, cls=RuntimeError):  # as a client raises it: its own error, the network one as the cause
         try:
             raise cause
         except Exception as e:
             try:
-                raise RuntimeError("upload failed") from e
-            except RuntimeError as outer:
+                raise cls("upload failed") from e
+            except cls as outer:
                 return outer
     retried = [answer(500), answer(502), answer(503), answer(429), httpx.ConnectError("refused"),
                httpx.ReadTimeout("slow"), ConnectionResetError("reset by peer"), TimeoutError("timed out"),
                wrapped(httpx.RemoteProtocolError("cut off")), wrapped(ConnectionRefusedError()),
-               wrapped(RuntimeError("Cannot send a request, as the client has been closed."))]  # another thread's outage
+               wrapped(RuntimeError("Cannot send a request, as the client has been closed.")),  # another thread's outage
+               wrapped(httpx.ConnectError("refused"), LocalEntryNotFoundError)]  # hf_hub_download with no network
     not_retried = [answer(400), answer(401), answer(403), answer(404, RepositoryNotFoundError), answer(404),
                    wrapped(answer(401)), FileNotFoundError("x"), PermissionError("x"), ValueError("x"),
                    KeyError("x"), TypeError("a bug"), wrapped(ValueError("a malformed answer")),
-                   OfflineModeIsEnabled("HF_HUB_OFFLINE is set")]
+                   OfflineModeIsEnabled("HF_HUB_OFFLINE is set"), LocalEntryNotFoundError("local_files_only"),
+                   wrapped(OfflineModeIsEnabled("HF_HUB_OFFLINE is set"), LocalEntryNotFoundError)]
     assert [hub.transient(e) for e in retried] == [True] * len(retried)
     assert [hub.transient(e) for e in not_retried] == [False] * len(not_retried)
 
@@ -245,24 +248,28 @@ import data
 real_sleep = time.sleep
 time.sleep = lambda s: real_sleep(min(s, 0.2))  # quick retries (hub.retry's and the client's)
 ids = lambda subs: [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
-stream = data.TrainStream("tester/tokens", 8, 1000, 4, 2)
+stream = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache1"))
 out = {"first": [ids(stream.next_batch()) for _ in range(5)], "state": stream.state_dict()}
 out["next"] = [ids(stream.next_batch()) for _ in range(2)]
-server.stop()  # an outage: reads must be retried, then go on
-threading.Timer(1.0, server.start).start()
-resumed = data.TrainStream("tester/tokens", 8, 1000, 4, 2)
+resumed = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache2"))
 resumed.load_state_dict(out["state"])
 server.state.requests.clear()
+server.stop()  # an outage: the download must be retried, then go on
+threading.Timer(1.5, server.start).start()
 out["resumed"] = [ids(resumed.next_batch()) for _ in range(2)]
-out["fetched"] = sorted({p.split("/")[-1] for m, p in server.state.requests if "/resolve/" in p})
+out["fetched"] = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
+try:
+    data.TrainStream("tester/nothing", 8, 1000, 4, 2)
+except data.DataError as e:
+    out["missing"] = str(e)
 print(json.dumps(out))
 '''
 
 
 def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
-    """The Hub path (huggingface_hub's filesystem, range reads of row groups) against the local
-    Hub server: the same rows as the local files, resume that fetches only the shard it needs,
-    and reads that survive an outage."""
+    """The Hub path (whole files into a cache folder) against the local Hub server: the same rows
+    as the local files, a resume that downloads only the file it needs, and a download that
+    survives an outage."""
     import subprocess
     import sys
     order = write_synthetic(tmp_path / "src", row_group_size=3)
@@ -274,5 +281,25 @@ def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     flat = [i for b in out["first"] + out["next"] for i in b]
     assert flat == order[:28]
     assert out["resumed"] == out["next"]
-    assert out["fetched"] == ["train-2.parquet"]  # position 20 is in the third shard: nothing before it
-    # (the resumed reads began during the outage: huggingface_hub's backoff, then data._retry, carry them)
+    # position 20 is in the third and last file: nothing before it is downloaded, and nothing after
+    # it (the next pass's first file is fetched when it is reached, not ahead)
+    assert out["fetched"] == ["train-2.parquet"]
+    assert "downloading datasets/tester/tokens/data/train-2.parquet failed" in proc.stderr  # the outage was met
+    assert out["missing"].startswith("tester/nothing: no such dataset on the Hugging Face Hub (http://127.0.0.1:")
+
+
+def test_the_ranks_of_a_node_download_each_file_once(tmp_path):
+    """4 ranks in lockstep (bench.hub_data_cost) on a 4-file Hub dataset: each file is sent once,
+    every rank gets its slice of the global order, and with a disk budget of 0 only the file being
+    read is left in the cache at the end."""
+    import bench
+    folder = bench.synthetic_parquet(str(tmp_path), files=4, rows=96)
+    steps, batch = 12, 32  # one pass: 4 x 96 rows of 2049 tokens = 384 sequences of 2048
+    r = bench.hub_data_cost(folder, steps, workers=4, batch=batch, budget_gb=0.0)
+    ref = TrainStream(folder, 2048, 50304, batch, batch)
+    order = [int(t) for _ in range(steps) for x, _ in ref.next_batch() for t in x[:, 0]]
+    for rank, got in enumerate(r["ranks"]):
+        assert got["rows"] == [t for s in range(steps) for t in order[s * batch + rank * 8:s * batch + rank * 8 + 8]]
+    assert r["gets"] == {f"train-{i:05d}.parquet": 1 for i in range(4)}
+    assert r["bytes_sent"] / r["bytes_read"] <= 1.1, r  # the file listings and answers to HEAD requests included
+    assert r["cached"] == ["train-00003.parquet"]

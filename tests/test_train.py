@@ -19,9 +19,45 @@ def test_gradient_accumulation_is_exact(tmp_path, reference_run):
     assert max_diff(weights(tmp_path, "one", 0), weights(tmp_path, "one", 4)) > 1e-3  # it trained
 
 
+def hub_copy_of_the_demo(server, files=5, per_file=8):
+    """The demo corpus's first sequences of 64 + 1 tokens (those the tiny model trains on, in the same
+    order) as a Hub dataset of `files` files of `per_file` rows (8: one step each)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import data
+    rows = np.array(pq.read_table(os.path.join(ROOT, "data/demo/train.parquet")).slice(0, 2)["input_ids"].to_pylist())
+    ids = data.to_windows(rows, 64)  # 2 rows of 2049 tokens: 64 sequences
+    server.create("datasets/tester/demo")
+    planted = {}
+    for f in range(files):
+        sink = pa.BufferOutputStream()
+        part = ids[f * per_file:(f + 1) * per_file]
+        pq.write_table(pa.table({"input_ids": pa.array(list(part), type=pa.list_(pa.int32()))}), sink)
+        planted[f"data/train-{f}.parquet"] = sink.getvalue().to_pybytes()
+    server.plant("datasets/tester/demo", "main", "data", planted)
+
+
 def test_ddp_two_processes_match_one(tmp_path, reference_run):
+    """Two processes equal one; and they read the same sequences from the Hub (the local server):
+    each file downloaded once for the node, the one ahead in the background, passed ones removed."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from hub_server import HubServer
+    server = HubServer().start()
+    hub_copy_of_the_demo(server)
     ref = reference_run()
-    run_train(tmp_path, "--run_name=ddp", "--gradient_accumulation_steps=1", nproc=2)
+    run_train(tmp_path, "--run_name=ddp", "--gradient_accumulation_steps=1", "--dataset_name=tester/demo",
+              "--eval_dataset_name=data/demo", "--eval_dataset_split=validation", f"--data_cache_dir={tmp_path / 'cache'}",
+              "--data_cache_gb=0", nproc=2, env={"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                                                 "HF_HOME": str(tmp_path / "hf")})
+    server.stop()
+    gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
+    assert sorted(gets) == [f"train-{f}.parquet" for f in range(5)]  # 4 steps read 4 files; the 5th came ahead
+    assert sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".parquet")) == \
+        ["train-2.parquet", "train-3.parquet", "train-4.parquet"]  # data_cache_gb=0: the last step's files
+    # (it began at the end of file 2 and read file 3) and the next; files 0 and 1 were removed
     assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "ddp", 4)) <= 1e-5
     single, ddp = metrics(ref, "ref"), metrics(tmp_path, "ddp")
     assert [m["step"] for m in single] == [m["step"] for m in ddp]
