@@ -13,6 +13,8 @@ Rows (CPU default):
   train step   the demo and tiny configs: tokens/s and ms per optimizer step (AdamW included)
   data         the loader's tokens/s (embedded corpus, synthetic 2049-token parquet) vs what a
                training step consumes
+  hub data     4 ranks reading those files from the local Hub server: bytes sent vs bytes read, and
+               the wait for data over a slow link
   checkpoint   save time and size (model + optimizer), demo, tiny and small, vs a training step;
                the sha256 manifest part of it, and the check a resume makes before loading
   dynamics     a learning-dynamics capture vs a training step on the same number of rows
@@ -319,6 +321,22 @@ def hub_data_cost(folder, steps, workers=4, seq_len=2048, batch=64, rate=None, s
             "gets": {f: gets.count(f) for f in files}, "cached": cached, "ranks": ranks}
 
 
+def hub_data_rows(folder, rate=2.5e6, step_s=0.25):
+    """The bench table's `hub data` rows: 4 ranks on the 4 synthetic files (one pass, 8 steps of 64
+    sequences per file), first at full speed, then over a slow link with steps that take time."""
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+    mib = sum(os.path.getsize(f) for f in files) / len(files) / 2**20
+    fast = hub_data_cost(folder, steps=32)
+    slow = hub_data_cost(folder, steps=32, rate=rate, step_s=step_s)
+    once = "each file sent once" if set(fast["gets"].values()) == {1} else f"GETs per file {fast['gets']}"
+    first = max(r["waits"][0] for r in slow["ranks"])
+    later = max(w for r in slow["ranks"] for w in r["waits"][1:])
+    return [("hub data", f"4 ranks, {len(files)} files of {mib:.1f} MiB, local server",
+             f"server sent {fast['bytes_sent'] / fast['bytes_read']:.3f}x the bytes of the files read ({once})"),
+            ("hub data", f"same, link {rate / 1e6:.1f} MB/s, steps of {step_s} s",
+             f"waited {first:.2f} s for the first file, at most {later * 1000:.0f} ms at each step after")]
+
+
 def hub_data_worker():
     """One rank of hub_data_cost: prints its rows (token 0 of each), the seconds each step waited
     for files, and the files it read."""
@@ -408,10 +426,11 @@ def cpu_bench(reps):
     with tempfile.TemporaryDirectory() as tmp:
         embedded = loader_rate(data.DEMO_DIR, 256, 64)
         synthetic = loader_rate(synthetic_parquet(tmp), 2048, 16)
-    rows.append(("data loader", "embedded corpus (T=256)", f"{embedded:,.0f} tok/s = {embedded / demo['tok_s']:,.0f}x the demo step's need"))
-    rows.append(("data loader", "synthetic 2049-token parquet", f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
-
-    done("data loader")
+        rows.append(("data loader", "embedded corpus (T=256)", f"{embedded:,.0f} tok/s = {embedded / demo['tok_s']:,.0f}x the demo step's need"))
+        rows.append(("data loader", "synthetic 2049-token parquet", f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
+        done("data loader")
+        rows += hub_data_rows(tmp)
+        done("hub data")
     for label, cfg, step in (("demo", DEMO, demo), ("tiny", TINY, tiny), ("small", SMALL, None)):
         dt, manifest_s, verify_s, size, n = checkpoint_cost(cfg, device)
         vs = f" = {dt / (step['ms'] / 1000):.2f}x its training step" if step else ""

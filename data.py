@@ -14,10 +14,11 @@ its slice, so the whole run sees the same data on 1 or 64 GPUs, and the position
 just (epoch, shard, sequence within shard): resuming opens that shard and seeks to the row group
 that holds the sequence, reading nothing before it.
 
-Hub datasets are streamed through huggingface_hub's filesystem (HTTP range reads of parquet row
-groups; nothing is downloaded whole), not through `datasets`' IterableDataset: with datasets 5.2 its
-state_dict() did not move when iterating in batches, and its resume reads the current shard from
-the start. `datasets` is used for `save_to_disk` folders.
+Hub datasets are read from whole files downloaded once per node into a cache folder (HubShards:
+the next file comes in the background, passed ones are removed to stay within a disk budget), so
+each byte crosses the network once per node however many ranks read it. Not through `datasets`'
+IterableDataset: with datasets 5.2 its state_dict() did not move when iterating in batches, and
+its resume reads the current shard from the start. `datasets` is used for `save_to_disk` folders.
 
 Run as a script it builds the embedded demo corpus or tokenizes your own text:
     python data.py build-demo            # rebuild data/demo/*.parquet from data/demo/kjv.txt.xz
@@ -141,6 +142,20 @@ class HubShards:
 
     def name(self, i):
         return f"datasets/{self.repo_id}/{self.files[i]}"
+
+    def sweep(self, older_than_s=600):
+        """Remove partial downloads left by killed processes (huggingface_hub removes its own on an
+        error, not on a kill); one still growing is another process's download and stays."""
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+        folder = os.path.join(self.cache_dir or constants.HF_HUB_CACHE,
+                              repo_folder_name(repo_id=self.repo_id, repo_type="dataset"), "blobs")
+        for f in glob.glob(os.path.join(folder, "*.incomplete")):
+            try:
+                if time.time() - os.path.getmtime(f) > older_than_s:
+                    os.remove(f)
+            except FileNotFoundError:
+                pass
 
     def fetch(self, i):
         """The local path of file i, downloaded first if this node does not have it yet."""
@@ -311,8 +326,8 @@ def open_shards(name, split=None, strict=False, cache_dir=None):
                   f"the embedded corpus (python train.py config/demo.py), point dataset_name at a local folder "
                   f"of parquet files, or set HF_HUB_OFFLINE=1 to say you are offline.")
     try:  # the first contact with the Hub: no network shows here, so three tries (3 s), not six
-        revision = _retry(lambda: api.dataset_info(name).sha, f"listing files of {name} on the Hub", 3,
-                          hint=no_network)
+        revision = _retry(lambda: api.dataset_info(name, expand=["sha"]).sha, f"listing files of {name} on the Hub",
+                          3, hint=no_network)
     except RepositoryNotFoundError:
         raise DataError(f"{name}: no such dataset on the Hugging Face Hub ({constants.ENDPOINT}), and no "
                         f"local file or folder of that name") from None
@@ -410,6 +425,8 @@ class TrainStream:
         # next one in the background and removes passed ones while they take more than the budget
         self.hub = getattr(self.shards[0], "hub", None)
         self.fetcher, self.budget = fetcher, None if cache_budget_gb is None else cache_budget_gb * 2**30
+        if self.hub and fetcher:
+            self.hub.sweep()
         # open local shards now (a footer each), so an empty or broken file stops the run before any
         # work; a Hub dataset (10,000 shards) downloads each file as the run reaches it
         if not self.hub and sum(s.num_rows for s in self.shards) == 0:

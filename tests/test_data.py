@@ -251,7 +251,13 @@ ids = lambda subs: [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
 stream = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache1"))
 out = {"first": [ids(stream.next_batch()) for _ in range(5)], "state": stream.state_dict()}
 out["next"] = [ids(stream.next_batch()) for _ in range(2)]
+blobs = os.path.join(SRC, "cache2", "datasets--tester--tokens", "blobs")  # partial downloads of killed runs:
+os.makedirs(blobs)
+for name, age in (("old", 3600), ("new", 0)):  # one left an hour ago, one still growing
+    open(os.path.join(blobs, f"{name}.0123abcd.incomplete"), "w").write("partial")
+    os.utime(os.path.join(blobs, f"{name}.0123abcd.incomplete"), (time.time() - age,) * 2)
 resumed = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache2"))
+out["partial"] = sorted(f for f in os.listdir(blobs) if f.endswith(".incomplete"))
 resumed.load_state_dict(out["state"])
 server.state.requests.clear()
 server.stop()  # an outage: the download must be retried, then go on
@@ -285,6 +291,7 @@ def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     # it (the next pass's first file is fetched when it is reached, not ahead)
     assert out["fetched"] == ["train-2.parquet"]
     assert "downloading datasets/tester/tokens/data/train-2.parquet failed" in proc.stderr  # the outage was met
+    assert out["partial"] == ["new.0123abcd.incomplete"]
     assert out["missing"].startswith("tester/nothing: no such dataset on the Hugging Face Hub (http://127.0.0.1:")
 
 
