@@ -29,6 +29,17 @@ def write_synthetic(folder, rows_per_file=(10, 7, 12), row_len=9, row_group_size
     return [f * 100 + r for f, n in enumerate(rows_per_file) for r in range(n)]
 
 
+def test_a_dataset_of_many_files_keeps_few_open(tmp_path):
+    """Every file is checked at start, but only the one being read stays open (10,000 open files
+    would pass the usual limit of 1,024)."""
+    for f in range(100):
+        bad_file(tmp_path / f"part-{f:03d}.parquet", [[f, 1, 2, 3, 4]])  # a good file of one row
+    before = len(os.listdir("/proc/self/fd"))
+    stream = TrainStream(str(tmp_path), 4, V, 2, 2)
+    assert [int(x[0, 0]) for _ in range(3) for x, _ in stream.next_batch()] == [0, 2, 4]
+    assert len(os.listdir("/proc/self/fd")) - before <= 3
+
+
 def row_ids(subs):
     return [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
 
