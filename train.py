@@ -493,7 +493,10 @@ def on_signal(signum, frame):
     name = signal.Signals(signum).name
     if not signalled:
         signalled.append((name, time.time()))
-        log(f"{name}: finishing this step, then saving a checkpoint ({name} again to stop at once)")
+        if master:  # os.write, not log(): the signal may have come in the middle of a print or a log write,
+            # which must not be entered again (the log file gets "stopped at step N by a signal")
+            os.write(sys.stdout.fileno(), f"[{datetime.now():%H:%M:%S}] {name}: finishing this step, then saving a "
+                     f"checkpoint ({name} again to stop at once)\n".encode())
     elif time.time() - signalled[0][1] > 1.0:
         raise SystemExit(f"{name} again: stopped at once; the run resumes from {checkpoint.checkpoints_dir(run_dir)}/latest")
 
