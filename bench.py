@@ -310,6 +310,8 @@ def hub_data_cost(folder, steps, workers=4, seq_len=2048, batch=64, rate=None, s
                                   stderr=subprocess.PIPE, text=True) for r in range(workers)]
         outs = [p.communicate(timeout=600) for p in procs]
         cached = sorted(f for _, _, fs in os.walk(job["cache"]) for f in fs if f.endswith(".parquet"))
+        cache_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(job["cache"]) for f in fs
+                          if not os.path.islink(os.path.join(d, f)))
         server.stop()
         for p, (out, err) in zip(procs, outs):
             if p.returncode:
@@ -318,7 +320,7 @@ def hub_data_cost(folder, steps, workers=4, seq_len=2048, batch=64, rate=None, s
     gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
     read = {f for r in ranks for f in r["shards"]}
     return {"bytes_sent": server.state.bytes_sent, "bytes_read": sum(os.path.getsize(os.path.join(folder, f)) for f in read),
-            "gets": {f: gets.count(f) for f in files}, "cached": cached, "ranks": ranks}
+            "gets": {f: gets.count(f) for f in files}, "cached": cached, "cache_bytes": cache_bytes, "ranks": ranks}
 
 
 def hub_data_rows(folder, rate=2.5e6, step_s=0.25):

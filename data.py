@@ -205,7 +205,10 @@ class HubShards:
                 break
             with self.lock:
                 path, size = self.local.pop(i)
-            for f in {os.path.realpath(path), path}:  # the blob and its snapshot link (cache layout)
+            doomed = [path]
+            if os.path.islink(path):  # the snapshot's link, and the blob it points to (the cache's layout)
+                doomed.append(os.path.join(os.path.dirname(path), os.readlink(path)))
+            for f in doomed:
                 try:
                     os.remove(f)
                 except FileNotFoundError:
@@ -321,6 +324,9 @@ def open_shards(name, split=None, strict=False, cache_dir=None):
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()  # a bar per shard download would flood the log
+    # each file a blob of its own, not a link into huggingface_hub's store shared across repositories:
+    # removing a passed file then frees its space and touches nothing another repository uses
+    constants.HF_HUB_DISABLE_SHARED_BLOBS = True
     api = HfApi()
     no_network = (f"Could not reach the Hugging Face Hub at {constants.ENDPOINT}: is there no network? Train on "
                   f"the embedded corpus (python train.py config/demo.py), point dataset_name at a local folder "

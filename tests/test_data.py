@@ -321,3 +321,4 @@ def test_the_ranks_of_a_node_download_each_file_once(tmp_path):
     assert r["gets"] == {f"train-{i:05d}.parquet": 1 for i in range(4)}
     assert r["bytes_sent"] / r["bytes_read"] <= 1.1, r  # the file listings and answers to HEAD requests included
     assert r["cached"] == ["train-00003.parquet"]
+    assert r["cache_bytes"] < 1.1 * os.path.getsize(os.path.join(folder, "train-00003.parquet"))  # its blob alone
