@@ -2,6 +2,7 @@
 Settings for train.py: a config file of plain assignments, then --key=value overrides.
 
     python train.py config/demo.py --lr=1e-3 --layer_suffixes=attention.v_proj,swiglu.w_2
+    python train.py runs/demo/training_config.yaml --run_name=demo-again   # a run's own settings again
 
 Every setting is declared once, in train.py's settings block: its name, default and comment, under
 a `# <section>: ...` line that places it in training_config.yaml's nested layout (the one pico-train
@@ -15,9 +16,12 @@ import os
 import re
 import textwrap
 
+import yaml
+
 TYPES = (bool, int, float, str, list, type(None))
 
 RULE = "# " + "-" * 77 + "\n"  # the line above and below a script's settings block
+WRITTEN_ONLY = ("model_type", "world_size")  # training_config.yaml has them for its readers; not settings
 
 
 def sections(script):
@@ -77,8 +81,11 @@ def configure(argv, settings):
             if not os.path.isfile(arg):
                 raise SystemExit(f"config error: no config file {arg!r} (settings are written --key=value)")
             namespace = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
+            if arg.endswith((".yaml", ".yml")):
+                namespace = read_yaml(arg)
+            else:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), namespace)
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, TYPES):
                     continue  # imports, helpers
@@ -101,14 +108,37 @@ def configure(argv, settings):
     return names
 
 
+def read_yaml(path):
+    """The settings in a training_config.yaml (the layout train.py writes: {section: {setting: value}}),
+    read with yaml.safe_load: a file from someone else's run cannot run code."""
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise SystemExit(f"config error: {path} is not plain YAML ({str(e).splitlines()[0]}); a run's "
+                             f"training_config.yaml holds only sections of settings and values") from None
+    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+        raise SystemExit(f"config error: {path} is not laid out as training_config.yaml is (section: setting: value)")
+    out = {}
+    for section, values in tree.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                raise SystemExit(f"config error: {path}: {section}.{key} is nested deeper than training_config.yaml "
+                                 f"(section: setting: value); train.py's settings have flat names (python train.py "
+                                 f"--help lists them): write them in a config/*.py file")
+            if key not in WRITTEN_ONLY:
+                out[key] = value
+    return out
+
+
 def print_help(script):
     """Every setting with its default and comment, grouped as the script declares them (the block
     between its first two `# ----` lines is printed as it stands)."""
     with open(script) as f:
         block = f.read().split(RULE)[1]
-    print(f"usage: python {os.path.basename(script)} [config/<file>.py ...] [--key=value ...]\n"
+    print(f"usage: python {os.path.basename(script)} [config/<file>.py | <run>/training_config.yaml ...] [--key=value ...]\n"
           f"       torchrun --nproc_per_node=N {os.path.basename(script)} [the same]\n\n"
-          f"Config files (plain assignments) and --key=value overrides apply in order; each value must have "
+          f"Config files (plain assignments, or a run's training_config.yaml) and --key=value overrides apply in order; each value must have "
           f"the type of its default.\nThe settings and their defaults:\n")
     print(block.rstrip())
 

@@ -121,6 +121,28 @@ def test_config_errors_are_clear(tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_runs_training_config_yaml_trains_it_again(tmp_path, reference_run):
+    """python train.py <run>/training_config.yaml: the same settings, so the same weights, bit for bit
+    (run_train's own settings come first; the YAML's replace them all, then the new name)."""
+    ref = reference_run()
+    run_train(tmp_path, str(ref / "ref" / "training_config.yaml"), f"--runs_dir={tmp_path}", "--run_name=again")
+    assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "again", 4)) == 0.0
+
+
+@pytest.mark.parametrize("text,message", [
+    ("training:\n  lr: !!python/object/apply:os.system ['touch {marker}']\n", "is not plain YAML"),  # never runs
+    ("data:\n  dataloader:\n    batch_size: 32\n", "data.dataloader is nested deeper than training_config.yaml"),
+    ("- lr: 1\n", "is not laid out as training_config.yaml is"),
+])
+def test_a_yaml_config_runs_no_code_and_must_have_the_runs_layout(tmp_path, text, message):
+    import configurator
+    marker = tmp_path / "ran"
+    (tmp_path / "c.yaml").write_text(text.format(marker=marker))
+    with pytest.raises(SystemExit, match=message):
+        configurator.read_yaml(str(tmp_path / "c.yaml"))
+    assert not marker.exists()
+
+
 def test_overrides_are_typed_and_saved(tmp_path):
     run_train(tmp_path, "--run_name=typed", "--max_steps=1", "--lr=2e-3", "--weight_decay=0",
               "--layer_suffixes=attention.v_proj,swiglu.w_2", "--eval_every_n_steps=0")
