@@ -124,9 +124,9 @@ def test_config_errors_are_clear(tmp_path, args, message):
 def test_a_runs_training_config_yaml_trains_it_again(tmp_path, reference_run):
     """python train.py <run>/training_config.yaml: the same settings, so the same weights, bit for bit
     (run_train's own settings come first; the YAML's replace them all, then the new name)."""
-    ref = reference_run()
+    ref = reference_run("--max_steps=2")
     run_train(tmp_path, str(ref / "ref" / "training_config.yaml"), f"--runs_dir={tmp_path}", "--run_name=again")
-    assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "again", 4)) == 0.0
+    assert max_diff(weights(ref, "ref", 2), weights(tmp_path, "again", 2)) == 0.0
 
 
 @pytest.mark.parametrize("text,message", [
