@@ -138,8 +138,8 @@ def print_help(script):
         block = f.read().split(RULE)[1]
     print(f"usage: python {os.path.basename(script)} [config/<file>.py | <run>/training_config.yaml ...] [--key=value ...]\n"
           f"       torchrun --nproc_per_node=N {os.path.basename(script)} [the same]\n\n"
-          f"Config files (plain assignments, or a run's training_config.yaml) and --key=value overrides apply in order; each value must have "
-          f"the type of its default.\nThe settings and their defaults:\n")
+          f"Config files (plain assignments, or a run's training_config.yaml) and --key=value overrides apply in "
+          f"order; each value must have the type of its default.\nThe settings and their defaults:\n")
     print(block.rstrip())
 
 

@@ -51,7 +51,7 @@ dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
 batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
 data_cache_dir = None  # a Hub dataset's files are downloaded here, once per node (None: the Hugging Face cache)
-data_cache_gb = 20.0  # files there that the run has passed are removed while its files take more than this
+data_cache_gb = 20.0  # files there that the run has passed are removed while its files take more than this (None: never)
 # evaluation: held-out loss and paloma at each checkpoint
 eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"  # None: the training data's held-out split
 eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val', whichever the data has)
