@@ -27,6 +27,7 @@ Run as a script it builds the embedded demo corpus or tokenizes your own text:
 
 import argparse
 import difflib
+import errno
 import glob
 import hashlib
 import json
@@ -159,10 +160,17 @@ class HubShards:
 
     def fetch(self, i):
         """The local path of file i, downloaded first if this node does not have it yet."""
-        from huggingface_hub import hf_hub_download
-        path = _retry(lambda: hf_hub_download(self.repo_id, self.files[i], repo_type="dataset",
-                                              revision=self.revision, cache_dir=self.cache_dir),
-                      f"downloading {self.name(i)}")
+        from huggingface_hub import constants, hf_hub_download
+        try:
+            path = _retry(lambda: hf_hub_download(self.repo_id, self.files[i], repo_type="dataset",
+                                                  revision=self.revision, cache_dir=self.cache_dir),
+                          f"downloading {self.name(i)}")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DataError(f"downloading {self.name(i)}: no space left in {self.cache_dir or constants.HF_HUB_CACHE} "
+                            f"({e.strerror}); free some, point data_cache_dir at a larger disk, or lower "
+                            f"data_cache_gb") from None
         with self.lock:
             self.local[i] = (path, os.path.getsize(path))
         return path

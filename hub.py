@@ -28,6 +28,7 @@ Command line:
 """
 
 import argparse
+import errno
 import fnmatch
 import itertools
 import os
@@ -95,7 +96,8 @@ def transient(e):
     def is_local(x):
         if type(x).__name__ == "LocalEntryNotFoundError":  # a download found no answer and no copy: its cause says why
             return x.__cause__ is None
-        return isinstance(x, local) or type(x).__name__ in ("OfflineModeIsEnabled", "EntryNotFoundError")
+        return (isinstance(x, local) or type(x).__name__ in ("OfflineModeIsEnabled", "EntryNotFoundError")
+                or getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT))  # a full disk
     return not any(is_local(x) for x in _chain(e))
 
 

@@ -1,6 +1,7 @@
 """data.py: rank split, exact resume with seeking, x/y shift, bad rows, offline errors, and the
 embedded corpus (rebuilt from its source and compared byte for byte)."""
 
+import errno
 import json
 import os
 import time
@@ -180,6 +181,7 @@ def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
                    wrapped(answer(401)), FileNotFoundError("x"), PermissionError("x"), ValueError("x"),
                    KeyError("x"), TypeError("a bug"), wrapped(ValueError("a malformed answer")),
                    OfflineModeIsEnabled("HF_HUB_OFFLINE is set"), LocalEntryNotFoundError("local_files_only"),
+                   wrapped(OSError(errno.ENOSPC, "No space left on device")),
                    wrapped(OfflineModeIsEnabled("HF_HUB_OFFLINE is set"), LocalEntryNotFoundError)]
     assert [hub.transient(e) for e in retried] == [True] * len(retried)
     assert [hub.transient(e) for e in not_retried] == [False] * len(not_retried)
@@ -207,6 +209,23 @@ def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
     calls.clear()
     with pytest.raises(HfHubHTTPError):
         data._retry(refused, "reading z")
+    assert len(calls) == 1
+
+
+def test_a_full_disk_is_said_at_once(tmp_path, monkeypatch):
+    """A download that fills the disk is not retried as if the network failed: one line naming the
+    file, the folder and what to do."""
+    import huggingface_hub
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", full)
+    shards = data.HubShards("tester/tokens", "0" * 40, ["data/train-0.parquet"], str(tmp_path))
+    with pytest.raises(DataError, match=rf"downloading datasets/tester/tokens/data/train-0.parquet: no space left in "
+                                        rf"{tmp_path} \(No space left on device\); free some, point data_cache_dir"):
+        shards.path(0)
     assert len(calls) == 1
 
 
