@@ -444,12 +444,13 @@ class TrainStream:
         # open local shards now (a footer each, closed again: 10,000 open files would pass the limit),
         # so an empty or broken file stops the run before any work; a Hub dataset (10,000 shards)
         # downloads each file as the run reaches it
-        rows = 0
-        for shard in [] if self.hub else self.shards:
-            rows += shard.num_rows
-            shard.close()
-        if not self.hub and rows == 0:
-            raise DataError(f"{name}: the dataset has no rows")
+        if not self.hub:
+            rows = 0
+            for shard in self.shards:
+                rows += shard.num_rows
+                shard.close()
+            if rows == 0:
+                raise DataError(f"{name}: the dataset has no rows")
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
         self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
 

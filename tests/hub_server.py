@@ -300,11 +300,14 @@ class Handler(BaseHTTPRequestHandler):
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
-    connections = None  # the open client sockets, closed by stop() (an outage cuts kept-alive ones too)
+
+    def __init__(self, *args):
+        self.connections = set()  # the open client sockets, closed by stop() (an outage cuts kept-alive ones too)
+        super().__init__(*args)
 
     def get_request(self):
         sock, address = super().get_request()
-        self.connections = (self.connections or set()) | {sock}
+        self.connections.add(sock)
         return sock, address
 
     def shutdown_request(self, request):
@@ -344,7 +347,7 @@ class HubServer:
 
     def stop(self):
         self.httpd.shutdown()
-        for sock in list(self.httpd.connections or ()):
+        for sock in list(self.httpd.connections):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
