@@ -11,9 +11,12 @@ rename of a new symlink. A kill at any moment therefore leaves the previous `lat
 `manifest.json` lists every file with its size and sha256, checked before a checkpoint is loaded,
 so a truncated file or flipped bytes are reported instead of loaded.
 
-Loading never runs code: the training state and DeepSpeed's files are read with
-torch.load(weights_only=True), which accepts tensors and plain Python values only (plus, for
-DeepSpeed, the three small types of its own in DEEPSPEED_TYPES); the weights are safetensors.
+Loading never runs code: the training state is read with torch.load(weights_only=True), which
+accepts tensors and plain Python values only; the weights are safetensors.
+
+A checkpoint is the same on every backend and number of ranks: fp32 weights, and the optimizer as
+torch AdamW's own state_dict (under DeepSpeed ZeRO-2 gathered from the ranks' shards when saved and
+shared out again when loaded), so a run resumes with DDP or ZeRO-2 on any number of GPUs.
 """
 
 import hashlib
@@ -176,9 +179,6 @@ def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=())
                                   f"its manifest records (sha256 differs); {fix}")
 
 
-# the only non-plain types DeepSpeed's ZeRO-2 files hold (its optimizer files, fp32 and bf16)
-DEEPSPEED_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                   "deepspeed.utils.tensor_fragment.fragment_address")
 REFUSE = ("and loading them could run code. Do not load this checkpoint unless you made it: delete it, or point "
           "checkpoints/latest at another step")
 
@@ -197,33 +197,86 @@ def load_state(path, map_location="cpu"):
 def scan(path):
     """Refuse a checkpoint folder any of whose pickle-based files (*.pt) names a Python object that
     load_state() would not accept, without loading any of it."""
+    if os.path.isdir(os.path.join(path, "deepspeed")):
+        raise CheckpointError(f"{path} keeps its optimizer state in DeepSpeed's own files (deepspeed/), the format of "
+                              f"an earlier pico-train, which is no longer read (its pickles could run code); its weights "
+                              f"(model.safetensors) load as ever, but to go on training, resume it with the pico-train "
+                              f"that wrote it or start a new run")
     for root, _, names in os.walk(path):
         for name in sorted(n for n in names if n.endswith(".pt")):
             full = os.path.join(root, name)
-            allowed = DEEPSPEED_TYPES if "deepspeed" in os.path.relpath(root, path).split(os.sep) else ()
             try:
                 found = torch.serialization.get_unsafe_globals_in_checkpoint(full)
             except Exception as e:  # noqa: BLE001 - not a torch.save file at all
                 raise CheckpointError(f"refusing to load {full}: not a file torch.save wrote ({e})") from None
-            if unsafe := sorted(set(found) - set(allowed)):
+            if unsafe := found:
                 raise CheckpointError(f"refusing to load {full}: it names Python objects other than tensors and "
                                       f"plain values ({', '.join(unsafe[:3])}), {REFUSE}")
 
 
-def deepspeed_engine(config_params):
-    """A DeepSpeed checkpoint engine that reads its files like load_state() (DeepSpeed's own calls
-    torch.load(weights_only=False) on every file of a checkpoint), allowing DEEPSPEED_TYPES only."""
-    import importlib
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors (besides "step")
 
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    allowed = [getattr(importlib.import_module(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in DEEPSPEED_TYPES]
 
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return load_state(path, map_location)
+def optimizer_state(optimizer, groups, zero=False, keep=True):
+    """The optimizer as torch AdamW's state_dict; `groups` lists the parameters of each param group,
+    which numbers them as AdamW does. zero: `optimizer` is DeepSpeed's ZeRO-2 optimizer around our
+    AdamW, whose state lives in flat fp32 shards, one per rank and param group: each parameter's full
+    state is gathered (a collective: every rank calls this) and kept, on the CPU, where keep is true
+    (rank 0, which so holds 8 bytes per parameter). None where keep is false."""
+    if not zero:
+        return optimizer.state_dict() if keep else None
+    from deepspeed.utils import safe_get_full_optimizer_state
+    base = optimizer.optimizer  # our torch AdamW, stepping DeepSpeed's shards
+    params = [p for group in groups for p in group]
+    state = {}
+    if base.state:  # empty until the first step, as AdamW's own
+        step = next(iter(base.state.values()))["step"].detach().float().cpu()
+        link_zero_state(optimizer)
+        for i, p in enumerate(params):
+            full = {k: safe_get_full_optimizer_state(p, k) for k in OPTIMIZER_KEYS}
+            if keep:
+                state[i] = {"step": step.clone(), **{k: v.cpu() for k, v in full.items()}}
+    numbers = iter(range(len(params)))
+    param_groups = [{**{k: v for k, v in base_group.items() if k != "params"},
+                     "params": [next(numbers) for _ in group]} for base_group, group in zip(base.param_groups, groups)]
+    return {"state": state, "param_groups": param_groups} if keep else None
 
-    return SafeTorchCheckpointEngine(config_params)  # the engine's config: its zipfile setting
+
+def link_zero_state(optimizer):
+    """Point each parameter's DeepSpeed handle at its slice of the ZeRO-2 optimizer state.
+    DeepSpeed 0.19.8 links them once, after the first param group's first step, when the other
+    groups have no state yet; their parameters then fail safe_get_full_optimizer_state."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def check_optimizer_state(saved, n_params, path):
+    """Refuse an optimizer state that is not optimizer_state()'s form for n_params parameters."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or (
+            saved["state"] and sorted(saved["state"]) != list(range(n_params))):
+        raise CheckpointError(f"the optimizer state in {path} is not AdamW's for this model's {n_params} parameters")
+
+
+def load_optimizer_state(optimizer, saved, groups, zero=False):
+    """Load optimizer_state()'s dict into a plain AdamW or (zero) into DeepSpeed's ZeRO-2 shards of
+    this rank, whatever backend and number of ranks wrote it."""
+    params = [p for group in groups for p in group]
+    if not zero:
+        optimizer.load_state_dict(saved)
+        return
+    if not saved["state"]:  # saved before the first step
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+    base = optimizer.optimizer
+    step = saved["state"][0]["step"]
+    for group, flat in zip(base.param_groups, optimizer.single_partition_of_fp32_groups):
+        on_device = group.get("fused") or group.get("capturable")  # AdamW keeps `step` there in these modes
+        base.state[flat] = {"step": step.to(flat.device if on_device else "cpu", torch.float32).clone(),
+                            **{k: torch.zeros_like(flat) for k in OPTIMIZER_KEYS}}
+    link_zero_state(optimizer)
+    for i, p in enumerate(params):
+        for k in OPTIMIZER_KEYS:
+            safe_set_full_optimizer_state(p, saved["state"][i][k].to(p.device), k)
 
 
 def rng_state():

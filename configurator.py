@@ -170,3 +170,20 @@ def load_dotenv(path):
                 if line and not line.startswith("#") and "=" in line:
                     key, value = line.split("=", 1)
                     os.environ.setdefault(key.strip(), value.strip().strip("'\""))
+
+
+def batch_split(batch_size, gradient_accumulation_steps, world_size):
+    """The sub-batch each rank feeds per micro-step: batch_size = accumulation steps x world_size x
+    sub-batch. A split that does not divide raises ValueError naming the accumulation steps that
+    would, for this world size, with the sub-batch each gives."""
+    if batch_size % (gradient_accumulation_steps * world_size) == 0:
+        return batch_size // (gradient_accumulation_steps * world_size)
+    msg = (f"batch_size {batch_size} is not divisible by gradient_accumulation_steps {gradient_accumulation_steps} "
+           f"x world_size {world_size} = {gradient_accumulation_steps * world_size}")
+    if batch_size % world_size:
+        raise ValueError(f"{msg}; no gradient_accumulation_steps can split it over {world_size} ranks: make "
+                         f"batch_size a multiple of {world_size} (or use a number of processes that divides it)")
+    per_rank = batch_size // world_size
+    choices = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
+    raise ValueError(f"{msg}; with {world_size} rank(s), gradient_accumulation_steps can be " +
+                     ", ".join(f"{a} (sub-batch {per_rank // a})" for a in choices))

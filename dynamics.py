@@ -45,11 +45,10 @@ def find_layers(model, layer_suffixes):
 
 
 def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, world_size=1,
-            device="cpu", autocast=None, full_weight=None):
+            device="cpu", autocast=None):
     """Activations, weights and gradients of the chosen layers over the rows of `seqs` (an (N, L)
     int64 array: inputs row[:-1], targets row[1:]). Rows are split into contiguous blocks over
-    the ranks and processed batch_size at a time; every rank returns the full result in row order.
-    full_weight(param) may supply the full fp32 weight (DeepSpeed's copy) instead of param."""
+    the ranks and processed batch_size at a time; every rank returns the full result in row order."""
     layers = find_layers(model, layer_suffixes)
     names = list(layers)
     weights = [layers[n].weight for n in names]
@@ -88,8 +87,7 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
     activations = dict(zip(names, local.cpu().split(out_dims, dim=1))) if names else {}
     result = {
         "activations": {n: a.contiguous() for n, a in activations.items()},
-        "weights": {n: (full_weight(w) if full_weight else w).detach().float().cpu().clone()
-                    for n, w in zip(names, weights)},
+        "weights": {n: w.detach().float().cpu().clone() for n, w in zip(names, weights)},
         "gradients": {n: g.cpu() for n, g in zip(names, grads)},
     }
     assert all(a.shape[0] == n_rows for a in result["activations"].values())

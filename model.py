@@ -353,12 +353,17 @@ class PicoDecoder(nn.Module):
         return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
 
 
-GPU_BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+# dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
+# NVL cards run slower clocks than the SXM ones that carry the bare name
+GPU_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                       "A100": 312e12}
 
 
 def gpu_peak_flops(device_name):
-    """The dense bf16 peak of a GPU by its name (for MFU), or None where it is not known: never guessed."""
-    return next((peak for name, peak in GPU_BF16_PEAK_FLOPS.items() if name in device_name), None)
+    """The dense bf16 peak of a GPU by its name (for MFU), or None where it is not known: never guessed.
+    The most specific name matches ("NVIDIA H100 PCIe" is an H100 PCIe, not an H100 SXM)."""
+    known = [name for name in GPU_BF16_PEAK_FLOPS if name in device_name]
+    return GPU_BF16_PEAK_FLOPS[max(known, key=len)] if known else None
 
 
 # ----------------------------------------------------------------------------------------------

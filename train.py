@@ -10,10 +10,11 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,14 +85,15 @@ grad_clip = 1.0  # 0 disables clipping
 # checkpointing: learning dynamics saved with each checkpoint (dynamics.py)
 layer_suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 sequence_idx = -1
-learning_dynamics_batch_size = 8
+learning_dynamics_batch_size = 8  # rows per capture batch over all ranks (pico-train's meaning); each rank takes its share
 learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"  # None: the evaluation data
 # training: the system
-device = "auto"  # auto: cuda if available, else cpu
-precision = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+device = "auto"  # auto: cuda if available, else cpu; "cuda" means each rank's own GPU (cuda:<local rank>)
+precision = "auto"  # auto: bf16 on GPUs with native bf16 (Ampere and later), else fp32; or "bf16" / "fp32"
 backend = "auto"  # auto: DeepSpeed ZeRO-2 on >1 CUDA device, else DDP; or "ddp" / "deepspeed"
 compile = False  # torch.compile the model
 seed = 42
+dist_timeout_min = 60  # how long a rank waits at a collective (e.g. for another node's first data download)
 # -----------------------------------------------------------------------------
 config_keys = configurator.configure(sys.argv[1:], globals())
 # settings that cannot work are refused now, one line each, before anything is created or loaded
@@ -100,7 +102,8 @@ for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps",
                           ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""), ("save_log_spaced_until", 0, ""),
                           ("max_steps", 0, " (the run's length in optimizer steps)"),
                           ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
-                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, "")):
+                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, ""),
+                          ("dist_timeout_min", 1, " (minutes a rank waits for the others)")):
     value = globals()[name]
     if value is not None and (isinstance(value, (bool, str, list)) or value < least):
         raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
@@ -115,8 +118,15 @@ configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__))
 distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
 rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
 master = rank == 0
+# batch arithmetic: batch_size sequences per step = gradient_accumulation_steps x world_size x sub_batch
+try:
+    sub_batch = configurator.batch_split(batch_size, gradient_accumulation_steps, world_size)
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
 if device == "auto":
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device == "cuda":
+    device = f"cuda:{local_rank}"  # each rank its own GPU: set_device("cuda") would put every rank on GPU 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
     torch.cuda.set_device(device)
@@ -124,11 +134,19 @@ if backend == "auto":
     backend = "deepspeed" if device_type == "cuda" and world_size > 1 else "ddp"
 if backend not in ("ddp", "deepspeed"):
     raise SystemExit(f"config error: backend must be 'auto', 'ddp' or 'deepspeed', got {backend!r}")
+# bf16 only where the GPU computes it natively: before Ampere torch emulates it, slower than fp32
+native_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+precision_note = ""
 if precision == "auto":
-    precision = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = "bf16" if native_bf16 else "fp32"
+    if device_type == "cuda" and not native_bf16:
+        precision_note = f" ({torch.cuda.get_device_name()} has no native bf16, so fp32)"
+elif precision == "bf16" and device_type == "cuda" and not native_bf16:
+    precision_note = f" (emulated: {torch.cuda.get_device_name()} has no native bf16; fp32 is faster there)"
 use_deepspeed = backend == "deepspeed"
 if use_deepspeed and compile:
     raise SystemExit("config error: compile=True works with backend 'ddp' (or one process), not with 'deepspeed'")
+timeout = timedelta(minutes=dist_timeout_min)  # NCCL's own default, 10 minutes, is shorter than a first download
 if use_deepspeed:
     # ZeRO stage 2 shards the optimizer state and the gradients across ranks while every rank keeps
     # the full weights. Stage 3 (sharded weights) is not supported: learning dynamics need every
@@ -140,9 +158,10 @@ if use_deepspeed:
     import deepspeed
     if device_type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else it compiles an op for ~minutes
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
 elif distributed:
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout,
+                            device_id=torch.device(device) if device_type == "cuda" else None)
 is_dist = dist.is_available() and dist.is_initialized()
 
 
@@ -157,11 +176,6 @@ def all_ranks_sum(t):
     return t
 
 
-# batch arithmetic: batch_size sequences per step = gradient_accumulation_steps x world_size x sub_batch
-if batch_size % (gradient_accumulation_steps * world_size):
-    raise SystemExit(f"config error: batch_size {batch_size} is not divisible by gradient_accumulation_steps "
-                     f"{gradient_accumulation_steps} x world_size {world_size} = {gradient_accumulation_steps * world_size}")
-sub_batch = batch_size // (gradient_accumulation_steps * world_size)
 tokens_per_step = batch_size * max_seq_len
 
 # the Hub and wandb: their settings are checked now; they start once the run folder exists
@@ -192,7 +206,7 @@ def log(msg, console=True):
             log_lines.clear()
 
 
-log(f"{world_size} process(es), {device}, {precision}, backend {backend}{'' if is_dist else ' (a world of one)'}; "
+log(f"{world_size} process(es), {device}, {precision}{precision_note}, backend {backend}{'' if is_dist else ' (a world of one)'}; "
     f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
 
@@ -215,7 +229,8 @@ decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
-                              lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps)
+                              lr=lr, betas=(adam_beta1, adam_beta2), eps=adam_eps,
+                              fused=device_type == "cuda")  # one kernel for all parameters on a GPU
 flops_per_token = raw_model.flops_per_token(max_seq_len)
 # MFU is reported only where the GPU's dense bf16 peak is known, never guessed
 peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" and precision == "bf16" else None
@@ -257,9 +272,32 @@ set_aside = None  # auto_resume=False starts over, but never over a run: the old
 if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
     set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
     os.rename(run_dir, set_aside)
-barrier()
-os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+made_run_dir = master and not os.path.isdir(run_dir)
 if master:
+    os.makedirs(run_dir, exist_ok=True)
+if is_dist:
+    # rank 0 alone writes checkpoints, `latest` and the logs, and every rank reads them: runs_dir must
+    # be one filesystem shared by every node. Each rank looks for a file rank 0 has just made there.
+    mark = [f".rank0-{secrets.token_hex(8)}" if master else None]
+    dist.broadcast_object_list(mark)
+    mark = os.path.join(run_dir, mark[0])
+    if master:
+        open(mark, "w").close()
+    barrier()
+    for _ in range(20):  # a network filesystem may show a new file to other nodes a moment late
+        if os.path.isdir(run_dir) and os.path.basename(mark) in os.listdir(run_dir):
+            break
+        time.sleep(0.5)
+    unseen = int(all_ranks_sum(torch.tensor([0 if os.path.exists(mark) else 1], device=device)).item())
+    if master:
+        os.remove(mark)
+        if unseen and made_run_dir:
+            os.rmdir(run_dir)
+    if unseen:
+        raise SystemExit(f"config error: {unseen} of {world_size} ranks cannot see the run folder {os.path.abspath(run_dir)} "
+                         f"that rank 0 made: runs_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
+if master:
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
     nested = configurator.nested(config, __file__)
     nested["training"]["world_size"] = world_size
@@ -289,23 +327,33 @@ if save_to_wandb and master:
                            settings=wandb.Settings(init_timeout=60))
 
 # -----------------------------------------------------------------------------
-# resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG)
+# resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG), with any
+# backend and any number of ranks: a checkpoint holds the full optimizer state in AdamW's own form
 MUST_MATCH = {k for k, section in configurator.sections(__file__).items() if section == "model"} | {
-    "dataset_name", "dataset_split", "backend"}
-if use_deepspeed:
-    MUST_MATCH.add("world_size")  # ZeRO-2 optimizer shards are per rank
+    "dataset_name", "dataset_split"}
 run_state = {**config, "backend": backend, "world_size": world_size}
 start_step, resume_from, resumed_state = 0, None, None
 if auto_resume:
+    verdict = [None, None]  # rank 0 checks the checkpoint once for all: (its folder, or why it cannot be loaded)
     if master:
         for stale in checkpoint.clean_partial(run_dir):
             log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
-    barrier()
-    try:  # checked against its manifest (sizes and sha256), then read without running any code
-        resume_from = checkpoint.latest(run_dir)
-        if resume_from:
-            checkpoint.scan(resume_from)
+        try:  # checked against its manifest (sizes and sha256) and for pickled code, without loading it
+            verdict[0] = checkpoint.latest(run_dir)
+            if verdict[0]:
+                checkpoint.scan(verdict[0])
+        except checkpoint.CheckpointError as e:
+            verdict[1] = str(e)
+    if is_dist:
+        dist.broadcast_object_list(verdict)
+    resume_from, error = verdict
+    try:
+        if error:
+            raise checkpoint.CheckpointError(error)
+        if resume_from:  # read without running any code, on every rank
             resumed_state = checkpoint.load_state(os.path.join(resume_from, "training_state.pt"))
+            checkpoint.check_optimizer_state(resumed_state["optimizer"], len(decay + no_decay),
+                                             os.path.join(resume_from, "training_state.pt"))
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
 if resume_from:
@@ -320,8 +368,8 @@ if resume_from:
     with torch.no_grad():
         for p, q in zip(raw_model.state_dict().values(), load_pretrained(resume_from).state_dict().values()):
             p.copy_(q)
-    if not use_deepspeed:
-        optimizer.load_state_dict(resumed_state["optimizer"])
+    if not use_deepspeed:  # DeepSpeed's is loaded once it has made its shards, below
+        checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay))
     try:
         train_data.load_state_dict(resumed_state["data"])
     except data.DataError as e:
@@ -344,19 +392,22 @@ if use_deepspeed:
         "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": sub_batch,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": grad_clip, "zero_optimization": {"stage": 2},
-        "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 2**31 - 1,
+        # DeepSpeed's own bf16 mode is off: it would cast the weights to bf16 and accumulate the
+        # gradients in bf16. The weights, gradients and optimizer stay fp32, and bf16 comes from the
+        # same autocast as under DDP (below), so every backend computes the same thing.
+        "bf16": {"enabled": False},
+        "timers": {"throughput": {"enabled": False}},  # it would synchronise the GPU at every forward
+        "steps_per_print": 2**31 - 1,
     }
     model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    model.checkpoint_engine = checkpoint.deepspeed_engine(model._config)  # reads files with weights_only=True
-    if resume_from:
-        model.load_checkpoint(resume_from, tag="deepspeed", load_module_strict=True)
+    if resume_from:  # the full AdamW state, shared out into this rank's ZeRO-2 shards
+        checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay), zero=True)
 elif is_dist:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if resumed_state is not None:
     checkpoint.set_rng_state(resumed_state["rng"][rank % len(resumed_state["rng"])])
-# bf16 autocast under DDP (fp32 weights, bf16 matmuls); DeepSpeed casts the weights to bf16 itself
-autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" and not use_deepspeed
-            else contextlib.nullcontext())
+# bf16: fp32 weights, bf16 matmuls under autocast (norms, softmax and the loss stay fp32), on every backend
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -412,14 +463,14 @@ def save_checkpoint(step):
         dist.all_gather_object(rng, checkpoint.rng_state())
     else:
         rng = [checkpoint.rng_state()]
-    if use_deepspeed:
-        model.save_checkpoint(tmp, tag="deepspeed")  # every rank writes its optimizer shard
+    # AdamW's state_dict on every backend (under ZeRO-2 gathered from the ranks' shards; rank 0 keeps it)
+    optimizer_state = checkpoint.optimizer_state(optimizer, (decay, no_decay), zero=use_deepspeed, keep=master)
     captured = {}
     if layer_suffixes:  # every rank takes a share of the rows
         t1 = time.time()
-        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=learning_dynamics_batch_size,
-                    rank=rank, world_size=world_size, device=device, autocast=autocast,
-                    full_weight=deepspeed.utils.safe_get_full_fp32_param if use_deepspeed else None)
+        per_rank = -(-learning_dynamics_batch_size // world_size)  # the setting counts rows over all ranks
+        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=per_rank,
+                    rank=rank, world_size=world_size, device=device, autocast=autocast)
         captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args))
         if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
             try:
@@ -446,7 +497,7 @@ def save_checkpoint(step):
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                        "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
-        torch.save({"step": step, "optimizer": None if use_deepspeed else optimizer.state_dict(),
+        torch.save({"step": step, "optimizer": optimizer_state,
                     "data": train_data.state_dict(), "rng": rng, "config": run_state},
                    os.path.join(tmp, "training_state.pt"))
     barrier()

@@ -30,4 +30,4 @@ save_every_n_steps = 50
 save_log_spaced_until = 32  # also steps 1, 2, 4, ..., 32: the first steps change the model most (Pythia did the same)
 log_every_n_steps = 10
 eval_batch_size = 25
-learning_dynamics_batch_size = 25
+learning_dynamics_batch_size = 25  # rows per capture batch over all processes

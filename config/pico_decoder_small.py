@@ -1,10 +1,15 @@
-# pico-decoder-small (64,595,328 parameters), one of the published pico-decoder sizes.
-#   torchrun --nproc_per_node=4 train.py config/pico_decoder_small.py --run_name=my-small
+# pico-decoder-small (64,595,328 parameters), one of the published pico-decoder sizes, with the
+# training shape it was published with: 4 nodes x 4 GPUs, 8 micro-steps of 8 sequences per GPU.
+#   torchrun --nproc_per_node=4 train.py config/pico_decoder_small.py --run_name=my-small   (one node)
+#   on several nodes: the torchrun command under "Several GPUs, several nodes" in README.md
 # Everything not set here is train.py's default, which is pico-train's: 12 layers, 12 heads,
 # 4 KV heads, vocab 50304, seq 2048; pico-lm/pretokenized-dolma streamed from the Hub, 1024
 # sequences x 2048 tokens per step, 200,000 steps (one pass), lr 3e-4 with 2,500 warmup steps then
-# linear decay; bf16 and DeepSpeed ZeRO-2 on GPUs. Per-GPU sub-batch = 1024 / (128 x GPUs): raise
-# gradient_accumulation_steps if it does not fit, lower it if memory is to spare.
+# linear decay; bf16 and DeepSpeed ZeRO-2 on GPUs.
+# Per-GPU sub-batch = 1024 / (8 x GPUs): 8 on 16 GPUs, 32 on 4, 4 on 32. On fewer GPUs
+# (or if it does not fit) raise gradient_accumulation_steps; the training is the same (up to rounding) either way.
 run_name = "pico-decoder-small"
 d_model = 384
 activation_hidden_dim = 1536
+gradient_accumulation_steps = 8
+learning_dynamics_batch_size = 128  # rows per capture batch over all GPUs (8 per GPU on 16); lower it on fewer GPUs

@@ -5,11 +5,16 @@ import glob
 import json
 import math
 import os
+import re
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
-from helpers import ROOT, max_diff, metrics, run_train, weights
+from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
 
 
 def test_gradient_accumulation_is_exact(tmp_path, reference_run):
@@ -67,12 +72,84 @@ def test_ddp_two_processes_match_one(tmp_path, reference_run):
                 assert abs(a[key] - b[key]) <= 1e-5, (a, b)
 
 
-def test_four_processes_with_the_demo_batch_arithmetic(tmp_path, reference_run):
-    # the launch users name: torchrun --nproc_per_node=4 train.py config/demo.py (sub-batch 8 / (2 x 4) = 1)
-    ref = reference_run("--max_steps=2")
-    proc = run_train(tmp_path, "--run_name=four", "--max_steps=2", nproc=4)
+def test_four_processes_with_the_demo_batch_arithmetic_resume_on_two(tmp_path, reference_run):
+    # the launch users name: torchrun --nproc_per_node=4 train.py config/demo.py (sub-batch 8 / (2 x 4) = 1);
+    # its checkpoint resumed on 2 ranks (and ZeRO-2) continues as if uninterrupted: allocations change size
+    pytest.importorskip("deepspeed")
+    ref = reference_run()
+    proc = run_train(tmp_path, "--run_name=four", "--stop_at_step=2", nproc=4)
     assert "2 micro-steps x 4 ranks x sub-batch 1" in proc.stdout
     assert max_diff(weights(ref, "ref", 2), weights(tmp_path, "four", 2)) <= 1e-5
+    proc = run_train(tmp_path, "--run_name=four", "--backend=deepspeed", nproc=2)
+    assert "world_size: 4 -> 2" in proc.stdout and "backend: 'ddp' -> 'deepspeed'" in proc.stdout
+    assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "four", 4)) <= 1e-5
+
+
+def two_nodes(runs_dirs, *args, timeout=120):
+    """Two torchrun "nodes" of one process each on this machine, meeting through torchrun's c10d
+    rendezvous on 127.0.0.1 as nodes of a cluster do; node i writes to runs_dirs[i]."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py", *TINY, f"--runs_dir={runs_dirs[i]}",
+         *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=timeout)]]
+
+
+def test_two_nodes_need_one_shared_runs_dir_and_then_train_as_one_process(tmp_path, reference_run):
+    """Rank 0 alone writes checkpoints and every rank reads them, so runs_dir must be shared by the
+    nodes. Each node with its own: both stop at start with one line. Sharing one: 2 nodes train as
+    2 processes on one node do, stop and resume bit-identically, and match one process."""
+    t0 = time.time()
+    for code, out, err in two_nodes([tmp_path / "node0", tmp_path / "node1"], "--run_name=apart"):
+        assert code != 0 and "runs_dir must be on a filesystem that every node shares" in err, err[-3000:]
+        assert "config error: 1 of 2 ranks cannot see the run folder" in err
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "node0" / "apart").exists()  # rank 0's empty run folder is not left behind
+    args = ("--max_steps=12", "--save_every_n_steps=5", "--gradient_accumulation_steps=1")  # as test_newcomer's
+    for extra in (["--stop_at_step=3"], []):
+        for code, out, err in two_nodes([tmp_path, tmp_path], "--run_name=shared", *args, *extra):
+            assert code == 0, out[-2000:] + err[-3000:]
+    final = weights(tmp_path, "shared", 12)
+    assert max_diff(weights(reference_run(*args, nproc=2), "ref", 12), final) == 0.0
+    assert max_diff(weights(reference_run(*args), "ref", 12), final) <= 1e-5
+
+
+def train_py_settings(*config_files):
+    """train.py's settings after config files, read as train.py reads them (no process, no process group)."""
+    import configurator
+    with open(os.path.join(ROOT, "train.py")) as f:
+        settings = {"__file__": os.path.join(ROOT, "train.py")}
+        exec(f.read().split(configurator.RULE)[1], settings)  # the settings block: plain assignments
+    configurator.configure([os.path.join(ROOT, c) for c in config_files], settings)
+    return settings
+
+
+@pytest.mark.parametrize("config", sorted(os.path.basename(c) for c in glob.glob(os.path.join(ROOT, "config", "*.py"))))
+def test_every_config_splits_its_batch_or_names_the_choices(config):
+    import configurator
+    s = train_py_settings(os.path.join("config", config))
+    for world in (1, 2, 4, 8, 16, 32):
+        try:
+            sub = configurator.batch_split(s["batch_size"], s["gradient_accumulation_steps"], world)
+        except ValueError as e:
+            assert not config.startswith("pico_decoder"), (config, world, e)  # published shapes fit 1-32 GPUs
+            msg = str(e)
+            assert "\n" not in msg and msg.startswith(f"batch_size {s['batch_size']} is not divisible"), msg
+            choices = re.findall(r"(\d+) \(sub-batch (\d+)\)", msg)
+            assert choices or f"make batch_size a multiple of {world}" in msg, msg
+            for accum, sub in choices:  # each choice named does split the batch so
+                assert int(accum) * world * int(sub) == s["batch_size"], msg
+                assert configurator.batch_split(s["batch_size"], int(accum), world) == int(sub)
+        else:
+            assert sub >= 1 and s["gradient_accumulation_steps"] * world * sub == s["batch_size"]
+    if config.startswith("pico_decoder"):  # the published shape: 4 nodes x 4 GPUs, 8 rows per GPU (tiny: 16)
+        assert s["batch_size"] == 1024 and s["max_seq_len"] == 2048
+        assert configurator.batch_split(1024, s["gradient_accumulation_steps"], 16) == (16 if "tiny" in config else 8)
+        assert s["learning_dynamics_batch_size"] == (256 if "tiny" in config else 128)
 
 
 def test_run_folder_layout_and_config_yaml(reference_run):
@@ -114,7 +191,8 @@ def test_the_learning_rate_schedules_hit_their_defining_points(tmp_path, referen
     (["--max_steps=2.5"], "max_steps must be int"),
     (["--auto_resume=yes"], "auto_resume must be bool"),
     (["--layer_suffixes=3"], "layer_suffixes must be list"),
-    (["--batch_size=9"], "batch_size 9 is not divisible by gradient_accumulation_steps 2 x world_size 1 = 2"),
+    (["--batch_size=9"], "batch_size 9 is not divisible by gradient_accumulation_steps 2 x world_size 1 = 2; with 1 "
+                         "rank(s), gradient_accumulation_steps can be 1 (sub-batch 9), 3 (sub-batch 3), 9 (sub-batch 1)"),
 ])
 def test_config_errors_are_clear(tmp_path, args, message):
     proc = run_train(tmp_path, *args, check=False)

@@ -1,4 +1,4 @@
-"""Checkpoints you can trust: a planted pickle never runs (training state and DeepSpeed files),
+"""Checkpoints you can trust: a planted pickle never runs (DeepSpeed's own files are never read),
 a diverged step is never applied or saved, flipped bytes are caught, auto_resume=False keeps the
 old run, and bad settings, checkpoints and data files get one clear line before any work."""
 
@@ -73,24 +73,26 @@ def test_a_planted_pickle_in_the_training_state_never_runs(base_run, tmp_path):
     assert not marker.exists()
 
 
-def test_a_planted_pickle_in_deepspeed_files_never_runs(tmp_path):
-    pytest.importorskip("deepspeed")
-    run_train(tmp_path, "--run_name=ds", "--max_steps=2", "--backend=deepspeed", "--gradient_accumulation_steps=1")
-    step2 = tmp_path / "ds" / "checkpoints" / "step_2"
-    optim = step2 / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    engine = checkpoint.deepspeed_engine(None)
-    assert engine.load(str(optim))["optimizer_state_dict"] is not None  # the genuine file passes the allow-list
+def test_deepspeeds_own_checkpoint_files_are_never_read(base_run, tmp_path):
+    # An earlier pico-train kept ZeRO-2's optimizer in DeepSpeed's per-rank files, which DeepSpeed
+    # unpickles in full. Nothing reads them now: a checkpoint that has them is refused in one line,
+    # before any of its files is loaded, even with a pickle planted there and listed in the manifest.
+    ckpt = copy_run(base_run, tmp_path)
     marker = tmp_path / "pwned"
-    for name in ("mp_rank_00_model_states.pt", optim.name):
-        plant_pickle(step2 / "deepspeed" / name, marker)
-        with pytest.raises(checkpoint.CheckpointError, match="could run code"):
-            engine.load(str(step2 / "deepspeed" / name))  # DeepSpeed's own load path, made safe
-    refresh_manifest(step2)
-    proc = run_train(tmp_path, "--run_name=ds", "--max_steps=4", "--backend=deepspeed",
-                     "--gradient_accumulation_steps=1", check=False)
+    os.makedirs(ckpt / "step_2" / "deepspeed")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        plant_pickle(ckpt / "step_2" / "deepspeed" / name, marker)
+    with open(ckpt / "step_2" / "manifest.json") as f:
+        manifest = json.load(f)
+    manifest["files"].update({f"deepspeed/{n}": {} for n in os.listdir(ckpt / "step_2" / "deepspeed")})
+    with open(ckpt / "step_2" / "manifest.json", "w") as f:
+        json.dump(manifest, f)
+    refresh_manifest(ckpt / "step_2")
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", "--backend=deepspeed", check=False)
     assert proc.returncode != 0 and not marker.exists()
     line = last_line(proc)
-    assert "refusing to load" in line and "mp_rank_00_model_states.pt" in line, line
+    assert line.startswith("cannot resume: ") and "DeepSpeed's own files (deepspeed/)" in line, line
+    assert not hasattr(checkpoint, "deepspeed_engine")  # nor any loader that would read them
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
