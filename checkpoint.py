@@ -183,11 +183,12 @@ REFUSE = ("and loading them could run code. Do not load this checkpoint unless y
           "checkpoints/latest at another step")
 
 
-def load_state(path, map_location="cpu"):
+def load_state(path, map_location="cpu", mmap=False):
     """torch.load that cannot run code: tensors and plain Python values only (weights_only=True).
-    A file holding anything else (for instance a pickle that calls a shell command) is refused."""
+    A file holding anything else (for instance a pickle that calls a shell command) is refused.
+    mmap: tensors are read from disk only where they are touched."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         what = re.search(r"(?i)unsupported GLOBAL \S+", str(e))
         raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
@@ -275,8 +276,8 @@ def load_optimizer_state(optimizer, saved, groups, zero=False):
                             **{k: torch.zeros_like(flat) for k in OPTIMIZER_KEYS}}
     link_zero_state(optimizer)
     for i, p in enumerate(params):
-        for k in OPTIMIZER_KEYS:
-            safe_set_full_optimizer_state(p, saved["state"][i][k].to(p.device), k)
+        for k in OPTIMIZER_KEYS:  # each rank copies only its own slice (of a memory-mapped file: reads only it)
+            safe_set_full_optimizer_state(p, saved["state"][i][k], k)
 
 
 def rng_state():

@@ -350,8 +350,8 @@ if auto_resume:
     try:
         if error:
             raise checkpoint.CheckpointError(error)
-        if resume_from:  # read without running any code, on every rank
-            resumed_state = checkpoint.load_state(os.path.join(resume_from, "training_state.pt"))
+        if resume_from:  # read without running any code, on every rank; under ZeRO-2 each reads only its shards
+            resumed_state = checkpoint.load_state(os.path.join(resume_from, "training_state.pt"), mmap=True)
             checkpoint.check_optimizer_state(resumed_state["optimizer"], len(decay + no_decay),
                                              os.path.join(resume_from, "training_state.pt"))
     except checkpoint.CheckpointError as e:
@@ -391,12 +391,14 @@ if use_deepspeed:
     ds_config = {
         "train_batch_size": batch_size, "train_micro_batch_size_per_gpu": sub_batch,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "gradient_clipping": grad_clip, "zero_optimization": {"stage": 2},
+        "gradient_clipping": grad_clip,
         # DeepSpeed's own bf16 mode is off: it would cast the weights to bf16 and accumulate the
         # gradients in bf16. The weights, gradients and optimizer stay fp32, and bf16 comes from the
         # same autocast as under DDP (below), so every backend computes the same thing.
         "bf16": {"enabled": False},
         "timers": {"throughput": {"enabled": False}},  # it would synchronise the GPU at every forward
+        # ZeRO-2 reduces the gradients at every micro-step; on GPUs, overlap that with the backward pass
+        "zero_optimization": {"stage": 2, "overlap_comm": device_type == "cuda"},
         "steps_per_print": 2**31 - 1,
     }
     model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -291,3 +291,11 @@ def test_rope_tables_belong_to_each_model():
     a, b = PicoDecoder(ModelConfig(**SMALL)), PicoDecoder(ModelConfig(**{**SMALL, "d_model": 64}))
     assert a.rope_cos.shape == (24, 8) and b.rope_cos.shape == (24, 16)
     assert "rope_cos" not in a.state_dict()
+
+
+def test_the_mfu_peak_is_the_most_specific_gpu_names():
+    from model import gpu_peak_flops
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA GeForce RTX 4090": None, "Tesla V100-SXM2-16GB": None}
+    assert {n: gpu_peak_flops(n) for n in names} == names
