@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def saved_steps(run_dir):
 def begin(run_dir, step):
     """Make (empty) the temporary folder a checkpoint is written into. Rank 0 only."""
     tmp = os.path.join(checkpoints_dir(run_dir), f".step_{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     os.makedirs(tmp)
     return tmp
 
@@ -94,16 +95,85 @@ def write_manifest(tmp, step):
 def commit(run_dir, step, tmp):
     """Seal a temporary folder that has its manifest as step_<N> and point `latest` at it."""
     final = step_dir(run_dir, step)
-    if os.path.exists(final):  # a step re-saved after a resume from an older checkpoint
-        shutil.rmtree(final)
+    _remove(final)  # a step re-saved after a resume from an older checkpoint
     os.rename(tmp, final)
+    point_latest(run_dir, step)
+    return final
+
+
+def point_latest(run_dir, step):
+    """Switch `latest` to step_<step> atomically (a new link renamed over the old one)."""
     link = os.path.join(checkpoints_dir(run_dir), ".latest.tmp")
     if os.path.lexists(link):
         os.remove(link)
     os.symlink(f"step_{step}", link)
     os.replace(link, os.path.join(checkpoints_dir(run_dir), "latest"))
     _fsync(checkpoints_dir(run_dir))
-    return final
+
+
+def _remove(path):
+    """Remove a file, a link (never what it points to) or a folder, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def lock_run(run_dir):
+    """Hold the run for this process's life: an exclusive flock on `.<run>.lock` beside the run
+    folder (outside it, so auto_resume=False can move the folder aside). A process that dies lets go
+    at once, so a stale lock is simply taken over. Returns the open file descriptor (closing it lets
+    go); raises CheckpointError naming the holder."""
+    import fcntl
+    import socket
+    import time
+    path = os.path.join(os.path.dirname(os.path.abspath(run_dir)), f".{os.path.basename(run_dir)}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"cannot make the lock file {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CheckpointError(f"{run_dir} is in use by {holder}: two runs in one folder would overwrite each other's "
+                              f"checkpoints and logs. Wait for it to end (or stop it), or use another run_name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+              .encode(), 0)
+    return fd
+
+
+def read_metrics(run_dir):
+    """(rows of logs/metrics.jsonl, how many lines were not JSON rows and were passed over: a crash
+    mid-write leaves a partial last line)."""
+    rows, bad = [], 0
+    path = os.path.join(run_dir, "logs", "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if isinstance(row, dict) and type(row.get("step")) is int:
+                    rows.append(row)
+                else:
+                    bad += 1
+    return rows, bad
+
+
+def foreign_links(run_dir):
+    """Symbolic links inside a run folder that the run did not make (all but checkpoints/latest):
+    the run would write through them (training_config.yaml, logs/) or upload what they point to."""
+    ours = {os.path.join(checkpoints_dir(run_dir), n) for n in ("latest", ".latest.tmp")}
+    found = []
+    for root, dirs, names in os.walk(run_dir):  # os.walk does not follow links to folders
+        if root == run_dir and "wandb" in dirs:
+            dirs.remove("wandb")  # wandb's own folder, with links wandb makes and remakes itself
+        found += [full for name in dirs + names if os.path.islink(full := os.path.join(root, name)) and full not in ours]
+    return sorted(found)
 
 
 def clean_partial(run_dir):
@@ -113,8 +183,7 @@ def clean_partial(run_dir):
         return []
     stale = [n for n in os.listdir(ckpt) if n.startswith(".") and n.endswith(".tmp")]
     for name in stale:
-        path = os.path.join(ckpt, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        _remove(os.path.join(ckpt, name))
     return stale
 
 
@@ -125,22 +194,42 @@ def _fix(run_dir, bad=None):
     if others:
         return (f"point it at an earlier checkpoint (steps here: {', '.join(map(str, others[-8:]))}), "
                 f"e.g. `ln -sfn step_{others[-1]} {link}`, then run again")
-    return f"no other checkpoint is here: remove {link} to start this run from step 0"
+    return "no other checkpoint is here: start over with auto_resume=False (this run is then kept aside)"
 
 
-def latest(run_dir):
-    """The folder `latest` points to, checked against its manifest; None if there is none."""
+def latest(run_dir, log=print):
+    """The folder `latest` points to, checked against its manifest; None if there is no checkpoint.
+    Without `latest` (a copy tool that drops symbolic links) but with step_<N> folders, the newest
+    is taken if it passes its checks (`latest` is made again and log() is told); otherwise nothing
+    is overwritten: CheckpointError names the steps and the command that restores `latest`."""
     link = os.path.join(checkpoints_dir(run_dir), "latest")
     if not os.path.lexists(link):
-        return None
+        steps = saved_steps(run_dir)
+        if not steps:
+            return None
+        shown = ", ".join(map(str, steps[-8:]))
+        try:
+            verify(step_dir(run_dir, steps[-1]))
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoints_dir(run_dir)} holds checkpoints (steps {shown}) but no `latest` link "
+                                  f"(a copy that drops symbolic links?), and the newest does not pass its checks ({e}); "
+                                  f"point `latest` at the one to resume, e.g. `ln -sfn step_{steps[-2] if len(steps) > 1 else steps[-1]} "
+                                  f"{link}`, or start over with auto_resume=False (this run is then kept aside)") from None
+        point_latest(run_dir, steps[-1])
+        log(f"{link} was missing (a copy that drops symbolic links?): resuming from step_{steps[-1]}, the newest of the "
+            f"checkpoints here (steps {shown}); `latest` is made again")
+        return step_dir(run_dir, steps[-1])
     if not os.path.islink(link):
         raise CheckpointError(f"{link} is a regular file, not a link to a step_<N> folder; remove it and "
                               f"{_fix(run_dir)}")
     target = os.readlink(link)
     path = os.path.join(checkpoints_dir(run_dir), target)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{link} points at {target}, which does not exist; {_fix(run_dir, target)}")
-    verify(path, fix=_fix(run_dir, os.path.basename(os.path.normpath(path))))
+    if not re.fullmatch(r"step_\d+", target):  # never a path out of the run folder
+        raise CheckpointError(f"{link} points at {target!r}, not at a step_<N> folder beside it; {_fix(run_dir)}")
+    if not os.path.isdir(path) or os.path.islink(path):
+        what = "a link elsewhere, not a checkpoint folder" if os.path.islink(path) else "does not exist"
+        raise CheckpointError(f"{link} points at {target}, which {what}; {_fix(run_dir, target)}")
+    verify(path, fix=_fix(run_dir, target))
     return path
 
 
@@ -168,6 +257,11 @@ def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=())
         raise CheckpointError(f"{e}; it will not be loaded: {fix}") from None
     for name, entry in sorted(files.items()):
         full = os.path.join(path, name)
+        parts = name.split("/")
+        if name.startswith("/") or "" in parts or ".." in parts or any(
+                os.path.islink(os.path.join(path, *parts[:i + 1])) for i in range(len(parts))):
+            raise CheckpointError(f"checkpoint {path}: its manifest lists {name!r}, which is not a file inside it (an "
+                                  f"absolute path, '..', or a symbolic link); {fix}")
         if name.startswith(tuple(skip)) and not os.path.exists(full):
             continue
         found = os.path.getsize(full) if os.path.isfile(full) else None
@@ -207,7 +301,14 @@ def scan(path):
         for name in sorted(n for n in names if n.endswith(".pt")):
             full = os.path.join(root, name)
             try:
+                with zipfile.ZipFile(full) as z:
+                    packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+                if packed:  # torch.save stores; a compressed member can unpack to any size
+                    raise CheckpointError(f"refusing to load {full}: its member {packed[0]} is compressed, which "
+                                          f"torch.save never does, {REFUSE}")
                 found = torch.serialization.get_unsafe_globals_in_checkpoint(full)
+            except CheckpointError:
+                raise
             except Exception as e:  # noqa: BLE001 - not a torch.save file at all
                 raise CheckpointError(f"refusing to load {full}: not a file torch.save wrote ({e})") from None
             if unsafe := found:
@@ -278,6 +379,33 @@ def load_optimizer_state(optimizer, saved, groups, zero=False):
     for i, p in enumerate(params):
         for k in OPTIMIZER_KEYS:  # each rank copies only its own slice (of a memory-mapped file: reads only it)
             safe_set_full_optimizer_state(p, saved["state"][i][k], k)
+
+
+def check_training_state(state, path, step):
+    """Refuse a loaded training_state.pt that is not laid out as train.py writes it, before any of it
+    is used: a step that is not the folder's, settings that are not plain values (a few bytes of
+    shared references can make printing them take forever), RNG states and a data position of
+    other types. Each refusal names the field."""
+    def bad(what):
+        raise CheckpointError(f"{path} is damaged: {what}; point checkpoints/latest at another step_<N>")
+    if not isinstance(state, dict) or not {"step", "optimizer", "data", "rng", "config"} <= set(state):
+        bad("it is not a dict of step, optimizer, data, rng and config")
+    if type(state["step"]) is not int or state["step"] != step:
+        bad(f"its step {state['step']!r} is not {step}, the step of its folder")
+    config = state["config"]
+    scalars = (bool, int, float, str, type(None))
+    if not isinstance(config, dict) or not all(isinstance(k, str) and (isinstance(v, scalars) or isinstance(v, list) and all(
+            isinstance(x, scalars) for x in v)) for k, v in config.items()):
+        bad("its settings (config) are not plain values and flat lists of them")
+    position = state["data"]
+    if not isinstance(position, dict) or not all(type(position.get(k)) is int and position[k] >= 0
+                                                 for k in ("epoch", "shard", "seq")):
+        bad("its data position is not whole numbers epoch, shard and seq of at least 0")
+    rng = state["rng"]
+    if not isinstance(rng, list) or not rng or not all(
+            isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) and isinstance(r.get("python"), tuple)
+            and isinstance(r.get("numpy"), list) and len(r["numpy"]) == 5 for r in rng):
+        bad("its RNG states are not those of torch, Python and numpy for each rank")
 
 
 def rng_state():

@@ -11,6 +11,7 @@ name fails with the closest known ones. Also here: the .env file the guide asks 
 """
 
 import ast
+import contextlib
 import difflib
 import os
 import re
@@ -22,6 +23,11 @@ TYPES = (bool, int, float, str, list, type(None))
 
 RULE = "# " + "-" * 77 + "\n"  # the line above and below a script's settings block
 WRITTEN_ONLY = ("model_type", "world_size")  # training_config.yaml has them for its readers; not settings
+# where and whether a run writes or sends anything: a run's YAML (perhaps someone else's) never sets these;
+# they come from the command line, a config/*.py file or train.py's defaults
+NOT_FROM_YAML = ("runs_dir", "run_name", "auto_resume", "save_to_hf", "hf_repo_id", "hf_collection_slug",
+                 "hf_wait_at_end_s", "save_to_wandb", "wandb_project", "wandb_entity", "data_cache_dir")
+SCALARS = (bool, int, float, str, type(None))
 
 
 def sections(script):
@@ -51,8 +57,8 @@ def check_type(key, value, default):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif isinstance(default, str):
         ok = isinstance(value, str) or value is None
-    else:  # a default of None takes any plain value
-        ok = isinstance(value, TYPES)
+    else:  # a default of None takes a plain value or a flat list of them
+        ok = isinstance(value, SCALARS) or isinstance(value, list) and all(isinstance(v, SCALARS) for v in value)
     if not ok:
         raise SystemExit(f"config error: {key} must be {type(default).__name__} (like its default "
                          f"{default!r}), got {value!r}")
@@ -67,9 +73,11 @@ def unknown(key, names):
 
 def configure(argv, settings):
     """Apply config files and --key=value overrides, in order, to the dict `settings` (train.py's
-    globals()); only names that already exist there can be set."""
+    globals()); only names that already exist there can be set. Returns (the settings' names, the
+    settings a run's YAML held but may not set: NOT_FROM_YAML)."""
     names = list(sections(settings["__file__"]))
-    defaults = {k: settings[k] for k in names}  # types are checked against these, whatever set a value before
+    defaults = {k: settings[k] for k in names}
+    ignored = []  # types are checked against these, whatever set a value before
     if "--help" in argv or "-h" in argv:
         print_help(settings["__file__"])
         raise SystemExit(0)
@@ -91,6 +99,9 @@ def configure(argv, settings):
                     continue  # imports, helpers
                 if key not in names:
                     raise unknown(key, names)
+                if arg.endswith((".yaml", ".yml")) and key in NOT_FROM_YAML:
+                    ignored.append(key)
+                    continue
                 settings[key] = check_type(key, value, defaults[key])
             continue
         key, _, text = arg[2:].partition("=")
@@ -105,18 +116,25 @@ def configure(argv, settings):
         if isinstance(defaults[key], str) and isinstance(value, (int, float)):
             value = text  # --run_name=2024 stays a string
         settings[key] = check_type(key, value, defaults[key])
-    return names
+    return names, ignored
 
 
 def read_yaml(path):
     """The settings in a training_config.yaml (the layout train.py writes: {section: {setting: value}}),
     read with yaml.safe_load: a file from someone else's run cannot run code."""
+    if os.path.getsize(path) > 1_000_000:
+        raise SystemExit(f"config error: {path} is {os.path.getsize(path):,} bytes, too large for a training_config.yaml")
     with open(path) as f:
-        try:
-            tree = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise SystemExit(f"config error: {path} is not plain YAML ({str(e).splitlines()[0]}); a run's "
-                             f"training_config.yaml holds only sections of settings and values") from None
+        text = f.read()
+    with contextlib.suppress(yaml.YAMLError):  # (a malformed file is reported below)
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise SystemExit(f"config error: {path} uses YAML aliases (*name), which a training_config.yaml never "
+                             f"has: they can make a few bytes expand into gigabytes")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SystemExit(f"config error: {path} is not plain YAML ({str(e).splitlines()[0]}); a run's "
+                         f"training_config.yaml holds only sections of settings and values") from None
     if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
         raise SystemExit(f"config error: {path} is not laid out as training_config.yaml is (section: setting: value)")
     out = {}

@@ -68,13 +68,31 @@ class MissingSplit(DataError):
 # shards: where rows come from
 
 def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of the data."):
-    """fn(), retried by hub.py's rule (5xx, 429, no answer) a few times, then one clear DataError."""
+    """fn(), retried by hub.py's rule (5xx, 429, no answer) a few times, then one clear DataError.
+    A refusal (401, 403, ...) is one DataError at once; a missing dataset or file goes up as it is.
+    Neither message holds the Hub token, even where the server repeats it."""
     try:
         return hub.retry(fn, what, log.warning, attempts)
-    except Exception as e:  # noqa: BLE001 - a permanent failure goes up as it is
-        if not hub.transient(e):
-            raise
-        raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: {e}). {hint}") from e
+    except Exception as e:  # noqa: BLE001 - sorted out below
+        if hub.transient(e):
+            raise DataError(hub._scrub(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
+                                       f"{hub._line(e)}). {hint}")) from None
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+        if isinstance(e, HfHubHTTPError) and not isinstance(e, RepositoryNotFoundError):
+            raise DataError(f"{what}: the Hub refused ({type(e).__name__}: {hub._line(e)}); check the dataset name "
+                            f"and that your token (HF_TOKEN or `huggingface-cli login`) may read it") from None
+        raise
+
+
+def _brief(e):
+    """An error's message on one line, shortened (pyarrow's run over several)."""
+    return " ".join(str(e).split())[:200]
+
+
+def printable(name):
+    """A name from a dataset (a file name, perhaps someone else's) as it may be shown on a terminal:
+    as it is if every character prints, else as Python's repr, so escape sequences stay inert."""
+    return name if name.isprintable() else repr(name)
 
 
 class ParquetShard:
@@ -82,20 +100,22 @@ class ParquetShard:
     downloaded whole into the node's cache the first time it is opened."""
 
     def __init__(self, name, hub=None, index=None):
-        self.name, self.hub, self.index = name, hub, index
+        self.source, self.hub, self.index = name, hub, index
+        self.name = printable(name)  # what messages show
         self._file = None
         self._cached = (None, None)  # (row group index, table) of the last row group read
 
     def _open(self):
         if self._file is None:
-            path = self.hub.path(self.index) if self.hub else self.name
+            path = self.hub.path(self.index) if self.hub else self.source
             if os.path.getsize(path) == 0:
                 raise DataError(f"{self.name}: the file is empty (0 bytes); remove it or write it again")
             try:
                 self._file = pq.ParquetFile(path)
-            except pa.ArrowInvalid as e:
-                raise DataError(f"{self.name}: not a parquet file ({e}); dataset_name must hold parquet files "
-                                f"of token ids (python data.py tokenize makes them from text)") from None
+            except (pa.ArrowException, OSError) as e:  # not parquet, or a damaged footer
+                raise DataError(f"{self.name}: not a parquet file, or a damaged one ({_brief(e)}); dataset_name "
+                                f"must hold parquet files of token ids (python data.py tokenize makes them from "
+                                f"text)") from None
             check_schema(self._file.schema_arrow, self.name)
             sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
             self._starts = np.cumsum([0] + sizes)
@@ -117,7 +137,12 @@ class ParquetShard:
         g = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < stop:
             if self._cached[0] != (g, columns):
-                self._cached = ((g, columns), f.read_row_group(g, columns=list(columns)))
+                try:
+                    self._cached = ((g, columns), f.read_row_group(g, columns=list(columns)))
+                except (pa.ArrowException, OSError) as e:  # a damaged data page
+                    raise DataError(f"{self.name}: row group {g} (rows {self._starts[g]}-{self._starts[g + 1] - 1}) "
+                                    f"cannot be read, the file is damaged ({_brief(e)}); write or download it "
+                                    f"again") from None
             lo, hi = int(self._starts[g]), int(self._starts[g + 1])
             pieces.append(self._cached[1].slice(start - lo, min(stop, hi) - start))
             start, g = min(stop, hi), g + 1
@@ -142,7 +167,7 @@ class HubShards:
         self.waited = 0.0  # seconds spent waiting for files (the bench reads it)
 
     def name(self, i):
-        return f"datasets/{self.repo_id}/{self.files[i]}"
+        return printable(f"datasets/{self.repo_id}/{self.files[i]}")
 
     def sweep(self, older_than_s=600):
         """Remove partial downloads left by killed processes (huggingface_hub removes its own on an
@@ -557,7 +582,11 @@ def load_tokenizer(path=TOKENIZER_PATH):
     from tokenizers import Tokenizer
     if path == TOKENIZER_PATH and (digest := file_sha256(path)) != TOKENIZER_SHA256:
         raise DataError(f"{path}: sha256 {digest} is not the OLMo tokenizer's ({TOKENIZER_SHA256})")
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions with serde's message
+        raise DataError(f"{path} is not a tokenizer file that the tokenizers library reads ({str(e)[:200]}): set "
+                        f"tokenizer_path to a tokenizer.json, or leave it None for the OLMo tokenizer") from None
 
 
 def pack_documents(token_lists, row_len=ROW_LEN):
@@ -623,11 +652,23 @@ def write_corpus(docs, out_dir, tok, val_every=0, row_len=ROW_LEN, source=None):
 def tokenize_files(paths, out_dir, row_len=ROW_LEN, val_every=0):
     """Bring your own corpus: each text file is one document, tokenized and packed as dolma was.
     Returns (train rows, validation rows)."""
+    texts = []
+    for p in paths:  # each checked before any is tokenized
+        if not os.path.isfile(p):  # a folder, a missing file, a device such as /dev/zero
+            raise DataError(f"{printable(p)}: not a regular file; give text files (a folder's: {printable(p)}/*.txt)")
+        with open(p, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            raise DataError(f"{printable(p)}: the file is empty (or only white space): nothing to tokenize")
+        if b"\0" in raw:
+            raise DataError(f"{printable(p)}: holds NUL bytes, so it is not a text file")
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{printable(p)}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r}); "
+                            f"convert it first, e.g. iconv -t UTF-8") from None
     tok = load_tokenizer()
-    docs = []
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            docs.append(tok.encode(f.read(), add_special_tokens=False).ids)
+    docs = [tok.encode(text, add_special_tokens=False).ids for text in texts]
     return write_corpus(docs, out_dir, tok, val_every, row_len)
 
 
@@ -653,7 +694,10 @@ if __name__ == "__main__":
             path = os.path.join(args.out, f"{split}.parquet")
             print(f"{path}  {file_sha256(path)}  ({pq.ParquetFile(path).metadata.num_rows} rows)")
     else:
-        n_train, n_val = tokenize_files(args.files, args.out, args.row_len, args.val_every)
+        try:
+            n_train, n_val = tokenize_files(args.files, args.out, args.row_len, args.val_every)
+        except DataError as e:
+            raise SystemExit(f"data error: {e}") from None
         print(f"{n_train} train rows -> {os.path.join(args.out, 'train.parquet')}")
         print(f"{n_val} validation rows -> {os.path.join(args.out, 'validation.parquet')}" if n_val else
               "0 validation rows: nothing held out (--val-every N holds out every n-th file), so set "

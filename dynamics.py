@@ -138,7 +138,8 @@ def load(run_dir, step, split="val"):
         raise FileNotFoundError(f"no {split} learning dynamics at step {step} in {run_dir}; the steps that have "
                                 f"them: {', '.join(map(str, have)) or 'none'}"
                                 + (" (a run's final step has no 'train' split: no next batch)" if split == "train" else ""))
-    return tuple(torch.load(os.path.join(folder, f"{split}_{kind}.pt"), weights_only=True) for kind in KINDS)
+    checkpoint.scan(folder)  # as a resume loads: no pickled code, no compressed members
+    return tuple(checkpoint.load_state(os.path.join(folder, f"{split}_{kind}.pt")) for kind in KINDS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,9 +208,10 @@ def plot(run_dir):
     out = os.path.join(run_dir, "plots")
     os.makedirs(out, exist_ok=True)
     written, notes = [], []
-    metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
-    train = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    train, bad = checkpoint.read_metrics(run_dir)
     train = [r for r in train if "loss" in r]
+    if bad:
+        notes.append(f"{bad} line(s) of logs/metrics.jsonl are not rows of numbers (a crash mid-write?) and were passed over")
     eval_dir = os.path.join(run_dir, "eval_results")
     evals = []
     for step in sorted(int(n[5:-5]) for n in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
@@ -293,8 +295,14 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not os.path.isdir(checkpoint.checkpoints_dir(args.run_dir)):
         raise SystemExit(f"{args.run_dir}: not a run folder (no checkpoints/ in it)")
+    if links := checkpoint.foreign_links(args.run_dir):  # plots/ would be written through them
+        raise SystemExit(f"{links[0]} is a symbolic link, which pico-train does not make there: it writes no file "
+                         f"through it; replace it by the file itself, or remove it")
     t0 = time.time()
-    files, notes = plot(args.run_dir)
+    try:
+        files, notes = plot(args.run_dir)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"cannot plot {args.run_dir}: {e}") from None
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {', '.join(files)} in {time.time() - t0:.1f}s")

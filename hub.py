@@ -124,18 +124,24 @@ def plan_commits(run_dir, step):
     import checkpoint  # here, not at the top: it loads torch, which `hub.py list` and `download` do not need
     step_dir = checkpoint.step_dir(run_dir, step)
 
+    def plain(path):  # a symbolic link is never uploaded: it could point anywhere on this machine
+        return os.path.isfile(path) and not os.path.islink(path)
+
     def files(names):
-        return {n: os.path.join(step_dir, n) for n in names if os.path.exists(os.path.join(step_dir, n))}
+        return {n: os.path.join(step_dir, n) for n in names if plain(os.path.join(step_dir, n))}
 
     commits = [{"title": f"Saving HF Model -- Step {step}", "files": files(MODEL_FILES), "delete": []}]
     if step == 0:
         if files(TOKENIZER_FILES):
             commits.append({"title": "Saving Tokenizer -- Step 0", "files": files(TOKENIZER_FILES), "delete": []})
-        commits.append({"title": "Saving Training Config -- Step 0", "delete": [],
-                        "files": {"training_config.yaml": os.path.join(run_dir, "training_config.yaml")}})
+        if plain(os.path.join(run_dir, "training_config.yaml")):
+            commits.append({"title": "Saving Training Config -- Step 0", "delete": [],
+                            "files": {"training_config.yaml": os.path.join(run_dir, "training_config.yaml")}})
     state, dynamics_files = {}, {}  # dynamics_files: split -> {repo path: local path}
     for root, _, names in os.walk(step_dir):
         for n in names:
+            if not plain(os.path.join(root, n)):
+                continue
             rel = os.path.relpath(os.path.join(root, n), step_dir).replace(os.sep, "/")
             if rel.startswith("learning_dynamics/"):
                 split = rel[len("learning_dynamics/"):].split("_", 1)[0]
@@ -144,7 +150,7 @@ def plan_commits(run_dir, step):
                 state["training_state/" + rel] = os.path.join(root, n)
     commits.append({"title": f"Saving Fabric Checkpoint -- Step {step}", "files": state, "delete": ["training_state/*"]})
     eval_file = os.path.join(run_dir, "eval_results", f"step_{step}.json")
-    if os.path.exists(eval_file):
+    if plain(eval_file):
         commits.append({"title": f"Saving Evaluation Results -- Step {step}", "delete": [],
                         "files": {f"eval_results/step_{step}.json": eval_file}})
     for split in ("train", "val"):
@@ -307,10 +313,12 @@ def download(repo_id, branch, step, what, out_dir, steps=None):
     return revision, [f for f, _ in fetch]
 
 
-def restore(repo_id, branch, step, run_dir):
+def restore(repo_id, branch, step, run_dir, unchecked=False):
     """Rebuild runs/<run>/checkpoints/step_<N> (and latest) from the Hub, so train.py resumes there.
     The files are checked against the manifest uploaded with them (sizes and sha256) and scanned
-    for pickled code before the checkpoint is sealed; a bad one leaves nothing behind."""
+    for pickled code before the checkpoint is sealed; a bad one leaves nothing behind. A step
+    uploaded without a manifest cannot be checked and is restored only when `unchecked` says so
+    (the manifest written then makes it look checked later)."""
     import shutil
     import tempfile
 
@@ -334,9 +342,13 @@ def restore(repo_id, branch, step, run_dir):
             fix = f"restore another step (python hub.py list {repo_id} --branch {branch})"
             if os.path.exists(os.path.join(target, checkpoint.MANIFEST)):
                 checkpoint.verify(target, fix=fix, skip=("learning_dynamics/",))  # not restored: not needed to resume
+            elif not unchecked:
+                raise checkpoint.CheckpointError(
+                    f"step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an older pico-train), "
+                    f"so its files cannot be checked for damage; restore it anyway with --unchecked")
             else:
-                print(f"warning: step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an "
-                      f"older pico-train): its files cannot be checked for damage")
+                print(f"warning: step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST}: restored unchecked "
+                      f"(--unchecked); the manifest written now records the files as they came")
             checkpoint.scan(target)
             checkpoint.write_manifest(target, step)  # of the files restored
         except BaseException:
@@ -373,6 +385,7 @@ def parse_args():
     p.add_argument("--branch", required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--run-dir", required=True)
+    p.add_argument("--unchecked", action="store_true", help="restore a step uploaded without a manifest")
     p = sub.add_parser("push", help="upload what of a run's checkpoints is not on the Hub yet")
     p.add_argument("run_dir")
     return parser.parse_args()
@@ -386,7 +399,7 @@ def main(args):
         rev, files = download(args.repo, args.branch, args.step, args.what, args.out)
         print(f"{len(files)} file(s) of step {args.step} at commit {rev[:8]} -> {args.out}")
     elif args.cmd == "restore":
-        print(f"restored {restore(args.repo, args.branch, args.step, args.run_dir)}; "
+        print(f"restored {restore(args.repo, args.branch, args.step, args.run_dir, args.unchecked)}; "
               f"now run train.py with run_name/runs_dir pointing at {args.run_dir}")
     else:
         raise SystemExit(0 if push(args.run_dir) else 1)

@@ -10,7 +10,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -19,6 +21,7 @@ from datetime import datetime, timedelta
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import SafetensorError
 
 import checkpoint
 import configurator
@@ -95,7 +98,7 @@ compile = False  # torch.compile the model
 seed = 42
 dist_timeout_min = 60  # how long a rank waits at a collective (e.g. for another node's first data download)
 # -----------------------------------------------------------------------------
-config_keys = configurator.configure(sys.argv[1:], globals())
+config_keys, ignored_from_yaml = configurator.configure(sys.argv[1:], globals())
 # settings that cannot work are refused now, one line each, before anything is created or loaded
 for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
                           ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""), ("learning_dynamics_batch_size", 1, ""),
@@ -103,10 +106,30 @@ for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps",
                           ("max_steps", 0, " (the run's length in optimizer steps)"),
                           ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
                           ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, ""),
+                          ("weight_decay", 0, " (0: none)"),
                           ("dist_timeout_min", 1, " (minutes a rank waits for the others)")):
     value = globals()[name]
     if value is not None and (isinstance(value, (bool, str, list)) or value < least):
         raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
+for name, value in (("adam_beta1", adam_beta1), ("adam_beta2", adam_beta2), ("min_lr_ratio", min_lr_ratio)):
+    if not 0 <= value <= 1 or (name != "min_lr_ratio" and value == 1):
+        raise SystemExit(f"config error: {name} must be at least 0 and {'at most' if name == 'min_lr_ratio' else 'below'} "
+                         f"1, got {value!r}")
+if not adam_eps > 0:
+    raise SystemExit(f"config error: adam_eps must be above 0 (it keeps AdamW's division finite), got {adam_eps!r}")
+if stop_at_step is not None and stop_at_step > max_steps:
+    raise SystemExit(f"config error: stop_at_step {stop_at_step} is past max_steps {max_steps}, so it would never be "
+                     f"reached: the run ends at max_steps")
+if not -max_seq_len <= sequence_idx < max_seq_len:
+    raise SystemExit(f"config error: sequence_idx {sequence_idx} is not a token position of a {max_seq_len}-token "
+                     f"sequence (0 to {max_seq_len - 1}, or -1 to -{max_seq_len} from the end)")
+if run_name is not None and (run_name in ("", ".") or ".." in run_name or "/" in run_name or os.sep in run_name):
+    raise SystemExit(f"config error: run_name {run_name!r} must be a plain folder name (no '/', no '..', not empty): "
+                     f"the run is written to runs_dir/run_name")
+if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    raise SystemExit(f"config error: device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise SystemExit(f"config error: device {device!r}, but torch sees no CUDA GPU here (use device='cpu' or 'auto')")
 if precision not in ("auto", "bf16", "fp32"):
     raise SystemExit(f"config error: precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
 if lr_scheduler not in ("linear_with_warmup", "cosine"):
@@ -222,8 +245,10 @@ except ValueError as e:
 torch.manual_seed(seed)
 model = PicoDecoder(model_config).to(device)
 raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
-if layer_suffixes:
+try:
     dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
 # weight decay on the 2-D weights (matrices, embedding) only: decaying the norms' gains pulls them to 0
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -243,8 +268,9 @@ try:
     train_data = data.TrainStream(dataset_name, max_seq_len, vocab_size, batch_size, sub_batch, rank, world_size,
                                   split=dataset_split, device=device, cache_dir=data_cache_dir,
                                   cache_budget_gb=data_cache_gb, fetcher=local_rank == 0)
-    if eval_dataset_name is None:  # follow the training data: its held-out split
-        eval_dataset_name, eval_dataset_split = dataset_name, data.held_out_split(dataset_name)
+    if eval_dataset_name is None:  # follow the training data: its held-out split, unless one is named
+        eval_dataset_name = dataset_name
+        eval_dataset_split = data.held_out_split(dataset_name) if eval_dataset_split == "val" else eval_dataset_split
     eval_seqs = data.load_eval_sequences(eval_dataset_name, max_seq_len, vocab_size, eval_dataset_split, eval_max_rows,
                                          data_cache_dir)
     learning_dynamics_eval_data = learning_dynamics_eval_data or eval_dataset_name
@@ -252,12 +278,12 @@ try:
     if layer_suffixes:
         dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else data.load_eval_sequences(
             learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split, cache_dir=data_cache_dir))
+    tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
 except data.DataError as e:
     raise SystemExit(f"data error: {e}") from None
 eval_set = f"{eval_dataset_name} ({eval_dataset_split})"
 log(f"data: training on {dataset_name} ({dataset_split}), evaluating on {len(eval_seqs)} sequences of {eval_set}"
     + (f", learning dynamics on {learning_dynamics_eval_data}" if layer_suffixes else ""))
-tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
 
 # -----------------------------------------------------------------------------
 # the run folder (made only now that every start-up check has passed), logs, the effective config
@@ -268,8 +294,22 @@ if run_name is None:
     run_name = name[0]
 run_dir = os.path.join(runs_dir, run_name)
 config = {k: globals()[k] for k in config_keys}
-set_aside = None  # auto_resume=False starts over, but never over a run: the old one is kept under a new name
+refused, run_lock, set_aside = [None], None, None
+if master:
+    try:  # one run at a time in a run folder (a requeued job while the old one still runs): rank 0 holds a lock
+        os.makedirs(runs_dir, exist_ok=True)
+        run_lock = checkpoint.lock_run(run_dir)
+        if auto_resume and (links := checkpoint.foreign_links(run_dir)):
+            refused[0] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does not make "
+                          f"there: it never writes or uploads through one. Replace it by the file itself, or remove it")
+    except checkpoint.CheckpointError as e:
+        refused[0] = str(e)
+if is_dist:
+    dist.broadcast_object_list(refused)
+if refused[0]:
+    raise SystemExit(f"cannot start: {refused[0]}")
 if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+    # auto_resume=False starts over, but never over a run: the old one is kept under a new name
     set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
     os.rename(run_dir, set_aside)
 made_run_dir = master and not os.path.isdir(run_dir)
@@ -299,11 +339,10 @@ if is_dist:
 if master:
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
-    nested = configurator.nested(config, __file__)
-    nested["training"]["world_size"] = world_size
-    with open(os.path.join(run_dir, "training_config.yaml"), "w") as f:
-        yaml.safe_dump(nested, f, sort_keys=False)
 log(f"run {run_dir}; settings (all of them in training_config.yaml):\n" + configurator.describe(config, __file__))
+if ignored_from_yaml:
+    log("from the run's YAML, not taken (where and whether a run writes or sends anything comes from the command "
+        "line or train.py): " + ", ".join(ignored_from_yaml))
 if set_aside:
     log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
@@ -339,7 +378,7 @@ if auto_resume:
         for stale in checkpoint.clean_partial(run_dir):
             log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
         try:  # checked against its manifest (sizes and sha256) and for pickled code, without loading it
-            verdict[0] = checkpoint.latest(run_dir)
+            verdict[0] = checkpoint.latest(run_dir, log=log)
             if verdict[0]:
                 checkpoint.scan(verdict[0])
         except checkpoint.CheckpointError as e:
@@ -351,9 +390,19 @@ if auto_resume:
         if error:
             raise checkpoint.CheckpointError(error)
         if resume_from:  # read without running any code, on every rank; under ZeRO-2 each reads only its shards
-            resumed_state = checkpoint.load_state(os.path.join(resume_from, "training_state.pt"), mmap=True)
-            checkpoint.check_optimizer_state(resumed_state["optimizer"], len(decay + no_decay),
-                                             os.path.join(resume_from, "training_state.pt"))
+            state_file = os.path.join(resume_from, "training_state.pt")
+            resumed_state = checkpoint.load_state(state_file, mmap=True)
+            checkpoint.check_training_state(resumed_state, state_file, int(os.path.basename(resume_from)[5:]))
+            checkpoint.check_optimizer_state(resumed_state["optimizer"], len(decay + no_decay), state_file)
+            try:
+                weights = load_pretrained(resume_from).state_dict()
+            except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
+                raise checkpoint.CheckpointError(f"{resume_from}/model.safetensors (or config.json) cannot be read "
+                                                 f"({type(e).__name__}: {str(e)[:200]}); point checkpoints/latest at "
+                                                 f"another step_<N>") from None
+            if not all(torch.isfinite(w).all() for w in weights.values()):
+                raise checkpoint.CheckpointError(f"{resume_from}/model.safetensors holds NaN or inf weights, so it is "
+                                                 f"not resumed; point checkpoints/latest at an earlier step_<N>")
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
 if resume_from:
@@ -365,9 +414,13 @@ if resume_from:
     if harmless:
         log("resuming with changed settings: " + ", ".join(
             f"{k}: {resumed_state['config'].get(k)!r} -> {run_state.get(k)!r}" for k in harmless))
+    if resumed_state["step"] > max_steps:
+        raise SystemExit(f"cannot resume {resume_from}: it is at step {resumed_state['step']}, past max_steps "
+                         f"{max_steps}; set max_steps to at least {resumed_state['step']} to go on training this run")
     with torch.no_grad():
-        for p, q in zip(raw_model.state_dict().values(), load_pretrained(resume_from).state_dict().values()):
+        for p, q in zip(raw_model.state_dict().values(), weights.values()):
             p.copy_(q)
+    del weights
     if not use_deepspeed:  # DeepSpeed's is loaded once it has made its shards, below
         checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay))
     try:
@@ -376,12 +429,20 @@ if resume_from:
         raise SystemExit(f"data error: {e}") from None
     start_step = resumed_state["step"]
     log(f"resumed from {resume_from} at step {start_step}")
-    metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
-    if master and os.path.exists(metrics_path):  # drop rows of steps after the checkpoint: they are redone
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    metric_rows, unreadable = checkpoint.read_metrics(run_dir)
+    if master and (metric_rows or unreadable):  # drop rows of steps after the checkpoint (they are redone)
+        metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
+        with open(metrics_path + ".tmp", "w") as f:  # then renamed over it: a crash leaves one or the other
+            f.writelines(json.dumps(row) + "\n" for row in metric_rows if row["step"] <= start_step)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        if unreadable:
+            log(f"{unreadable} line(s) of {metrics_path} were not rows (a crash mid-write?) and were dropped")
+if master:  # the settings of this run, written once it is known that they can go on with what is here
+    nested = configurator.nested(config, __file__)
+    nested["training"]["world_size"] = world_size
+    with open(os.path.join(run_dir, "training_config.yaml.tmp"), "w") as f:
+        yaml.safe_dump(nested, f, sort_keys=False)
+    os.replace(os.path.join(run_dir, "training_config.yaml.tmp"), os.path.join(run_dir, "training_config.yaml"))
 
 # -----------------------------------------------------------------------------
 # wrap for data parallelism
@@ -430,7 +491,8 @@ def evaluate():
     all_ranks_sum(totals)
     raw_model.train()
     ppl_sum, rows, loss_sum, n_tokens = totals.tolist()
-    return {"paloma": ppl_sum / rows, "loss": loss_sum / n_tokens, "perplexity": math.exp(loss_sum / n_tokens),
+    loss = loss_sum / n_tokens
+    return {"paloma": ppl_sum / rows, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "rows": int(rows), "dataset": eval_dataset_name}
 
 
@@ -438,11 +500,11 @@ def eval_path(step):
     return os.path.join(run_dir, "eval_results", f"step_{step}.json")
 
 
-def stop(reason):
+def stop(reason, fix="lower lr (or check the data)"):
     """End a run that cannot go on, naming the checkpoint it can be resumed from."""
     link = os.path.join(checkpoint.checkpoints_dir(run_dir), "latest")
     last = os.path.realpath(link) if os.path.lexists(link) else None
-    msg = (f"{reason}; stopping. The last good checkpoint is {last}: lower lr (or check the data) and run again "
+    msg = (f"{reason}; stopping. The last good checkpoint is {last}: {fix} and run again "
            f"to resume from it." if last else f"{reason}; stopping, with no checkpoint saved.")
     log(msg, console=False)  # the console gets it once, from SystemExit
     raise SystemExit(msg)
@@ -489,26 +551,33 @@ def save_checkpoint(step):
         summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
         wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
         wandb_previous_weights["val"] = val["weights"]
+    failed = [None]  # rank 0 writes; a full disk (or any failed write) stops every rank with one line
     if master:
-        for split, (rows, result) in captured.items():
-            dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
-            if split == "train":
-                dynamics.save_rows(rows, os.path.join(tmp, "learning_dynamics", "train_data"), tokenizer)
-        save_pretrained(raw_model, tmp)
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                       "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
-        torch.save({"step": step, "optimizer": optimizer_state,
-                    "data": train_data.state_dict(), "rng": rng, "config": run_state},
-                   os.path.join(tmp, "training_state.pt"))
-    barrier()
-    if master:
-        checkpoint.write_manifest(tmp, step)  # every file's size and sha256, checked before it is loaded
-        checkpoint.commit(run_dir, step, tmp)
-        if uploader:  # a sealed checkpoint is queued by being there: the uploader looks again
+        try:
+            for split, (rows, result) in captured.items():
+                dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
+                if split == "train":
+                    dynamics.save_rows(rows, os.path.join(tmp, "learning_dynamics", "train_data"), tokenizer)
+            save_pretrained(raw_model, tmp)
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                           "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
+            torch.save({"step": step, "optimizer": optimizer_state,
+                        "data": train_data.state_dict(), "rng": rng, "config": run_state},
+                       os.path.join(tmp, "training_state.pt"))
+            checkpoint.write_manifest(tmp, step)  # every file's size and sha256, checked before it is loaded
+            checkpoint.commit(run_dir, step, tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:  # (torch.save and safetensors wrap OSErrors)
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(run_dir).free / 2**30
+            failed[0] = f"step {step}: the checkpoint could not be written ({str(e).splitlines()[0][:200]}; {free:.1f} GiB free)"
+        if uploader and not failed[0]:  # a sealed checkpoint is queued by being there: the uploader looks again
             uploader.nudge()
-    barrier()
+    if is_dist:
+        dist.broadcast_object_list(failed)
+    if failed[0]:
+        stop(failed[0], fix=f"free space on the disk of {run_dir} (or make it writable)")
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
 
 
@@ -562,12 +631,15 @@ t_start = t_last = time.time()
 steps_since_log = 0
 stop_asked = False  # by a signal on any rank, known to all ranks after the step's all-reduce
 while True:
-    last_step = step == max_steps
-    stopping = step == stop_at_step or stop_asked
+    last_step = step >= max_steps
+    stopping = (stop_at_step is not None and step >= stop_at_step) or stop_asked
     t_pause = time.time()
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
         if last_step or is_eval_step(step):
             results = evaluate()
+            if not all(math.isfinite(results[k]) for k in ("loss", "perplexity", "paloma")):
+                stop(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
+                     f"{results['paloma']:.4g}: the model has diverged, so this step is not saved")
             log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
                 f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
             if master:
@@ -662,4 +734,5 @@ log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session
 if wandb_run is not None:
     wandb_run.finish()
 if is_dist:
+    barrier()  # every rank is done with the others before any lets go of the process group
     dist.destroy_process_group()

@@ -25,3 +25,12 @@ def reference_run(tmp_path_factory):
             made[args, nproc] = runs
         return made[args, nproc]
     return get
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """One finished run (steps 0 and 2) that tests copy (helpers.copy_run) and then damage."""
+    from helpers import run_train
+    runs = tmp_path_factory.mktemp("base")
+    run_train(runs, "--run_name=r", "--max_steps=2")
+    return runs / "r"

@@ -1,10 +1,13 @@
 """Running train.py the way users do (a subprocess, or torchrun), on a tiny model."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,3 +42,37 @@ def metrics(runs_dir, run):
 def max_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# damaging a run as an attacker or a careless tool would (tests/test_trust.py, test_mistakes.py)
+def plant_pickle(path, marker):
+    """Replace a torch.save file by one whose unpickling runs a shell command (it creates marker)."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"step": 2, "payload": Payload()}, path)
+
+
+def refresh_manifest(step_dir):
+    """Fix up the manifest after files were replaced, as an attacker who edits a run folder would
+    (by hand, in whichever format it has: sizes only before sha256 was added)."""
+    path = os.path.join(step_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for name, entry in manifest["files"].items():
+        raw = open(os.path.join(step_dir, name), "rb").read()
+        manifest["files"][name] = len(raw) if isinstance(entry, int) else \
+            {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def last_line(proc):
+    """The one line a failed run ends with; and there is no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def copy_run(base_run, tmp_path):
+    shutil.copytree(base_run, tmp_path / "r", symlinks=True)
+    return tmp_path / "r" / "checkpoints"

@@ -207,7 +207,7 @@ def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
         calls.append(1)
         raise answer(403)
     calls.clear()
-    with pytest.raises(HfHubHTTPError):
+    with pytest.raises(DataError, match=r"reading z: the Hub refused \(HfHubHTTPError"):  # one line, at once
         data._retry(refused, "reading z")
     assert len(calls) == 1
 

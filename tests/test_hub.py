@@ -155,7 +155,7 @@ def test_bad_token_is_reported_once_and_training_goes_on(tmp_path, hub):
 
 
 def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
-    from test_trust import plant_pickle
+    from helpers import plant_pickle
     run_train(tmp_path, *hub_args("shared"), "--max_steps=2", env=hub.env)
     local = tmp_path / "shared" / "checkpoints" / "step_2"
     elsewhere = tmp_path / "elsewhere" / "shared"
@@ -199,6 +199,16 @@ def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
     line = restore()
     assert "refusing to load" in line and "training_state.pt" in line and not marker.exists(), line
 
+    # 4. a step uploaded without its manifest: not restored as if checked, unless asked to
+    hub.plant(REPO, "shared", "Saving Fabric Checkpoint -- Step 2",
+              {"training_state/training_state.pt": (local / "training_state.pt").read_bytes()})
+    del repo["commits"][repo["branches"]["shared"]]["files"]["training_state/manifest.json"]
+    line = restore()
+    assert "has no manifest.json" in line and "--unchecked" in line, line
+    proc = run_hub_cli(hub, "restore", REPO, "--branch", "shared", "--step", "2", "--run-dir", str(elsewhere),
+                       "--unchecked")
+    assert proc.returncode == 0 and "restored unchecked" in proc.stdout, proc.stderr[-2000:]
+
 
 def test_no_hub_command_prints_the_token(tmp_path, hub):
     run = tmp_path / "run"
@@ -214,3 +224,12 @@ def test_no_hub_command_prints_the_token(tmp_path, hub):
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "403" in out and "Authorization: Bearer ***" in out, (args, out[-2000:])
         assert token not in out and "Traceback" not in out, (args, out[-2000:])
+
+
+def test_a_refused_dataset_read_is_one_line_without_the_token(tmp_path, hub):
+    hub.state.echo_token = True  # a 403 that repeats the Authorization header
+    proc = run_train(tmp_path, "--dataset_name=tester/private-data", env=hub.env, check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert line.startswith("data error: listing files of tester/private-data on the Hub: the Hub refused"), line
+    assert hub.env["HF_TOKEN"] not in proc.stdout + proc.stderr and "***" in line

@@ -2,10 +2,8 @@
 a diverged step is never applied or saved, flipped bytes are caught, auto_resume=False keeps the
 old run, and bad settings, checkpoints and data files get one clear line before any work."""
 
-import hashlib
 import json
 import os
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,48 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-from helpers import ROOT, metrics, run_train
-
-
-def plant_pickle(path, marker):
-    """Replace a torch.save file by one whose unpickling runs a shell command (it creates marker)."""
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-    torch.save({"step": 2, "payload": Payload()}, path)
-
-
-def refresh_manifest(step_dir):
-    """Fix up the manifest after files were replaced, as an attacker who edits a run folder would
-    (by hand, in whichever format it has: sizes only before sha256 was added)."""
-    path = os.path.join(step_dir, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    for name, entry in manifest["files"].items():
-        raw = open(os.path.join(step_dir, name), "rb").read()
-        manifest["files"][name] = len(raw) if isinstance(entry, int) else \
-            {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-    with open(path, "w") as f:
-        json.dump(manifest, f)
-
-
-def last_line(proc):
-    """The one line a failed run ends with; and there is no traceback."""
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """One finished run (steps 0 and 2) that each test copies and then damages."""
-    runs = tmp_path_factory.mktemp("base")
-    run_train(runs, "--run_name=r", "--max_steps=2")
-    return runs / "r"
-
-
-def copy_run(base_run, tmp_path):
-    shutil.copytree(base_run, tmp_path / "r", symlinks=True)
-    return tmp_path / "r" / "checkpoints"
+from helpers import ROOT, copy_run, last_line, metrics, plant_pickle, refresh_manifest, run_train
 
 
 def test_a_planted_pickle_in_the_training_state_never_runs(base_run, tmp_path):
