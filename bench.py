@@ -18,6 +18,8 @@ Rows (CPU default):
   checkpoint   save time and size (model + optimizer), demo, tiny and small, vs a training step;
                the sha256 manifest part of it, and the check a resume makes before loading
   dynamics     a learning-dynamics capture vs a training step on the same number of rows
+  demo checkpoint  one whole checkpoint of the demo vs a training step: the evaluation as a pass
+               of its own (before) and taken from the learning-dynamics capture's pass (train.py now)
   hub upload   training step time while a checkpoint uploads in the background (local Hub server)
 """
 
@@ -397,6 +399,38 @@ def gpu_bench(steps=10, smoke=False):
                 torch.cuda.empty_cache()
 
 
+def demo_checkpoint_row(demo, val, suffixes, repeats=2):
+    """One checkpoint of the demo as train.py makes it (evaluation of the 200 validation rows, the
+    learning dynamics on them and on the next batch, the files written), as a multiple of one
+    training step: with the evaluation as a pass of its own, and taken from the capture's pass."""
+    model, opt = demo["model"], demo["opt"]
+    train_rows = val[:16]  # a batch's worth of rows (16 sequences of 256 tokens)
+
+    def one(fused):
+        t0 = time.perf_counter()
+        if not fused:  # train.py's evaluate(): no gradients, batches of eval_batch_size (25)
+            with torch.no_grad():
+                for i in range(0, len(val), 25):
+                    chunk = torch.from_numpy(val[i:i + 25])
+                    dynamics.eval_sums(model(chunk[:, :-1], chunk[:, 1:], reduction="none")[1])
+        results = {"val": dynamics.capture(model, val, suffixes, batch_size=25, evaluate=fused),
+                   "train": dynamics.capture(model, train_rows, suffixes, batch_size=25)}
+        with tempfile.TemporaryDirectory() as run:
+            tmp = checkpoint.begin(run, 1)
+            for split, result in results.items():
+                dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
+            save_pretrained(model, tmp)
+            torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
+            checkpoint.write_manifest(tmp, 1)
+            checkpoint.commit(run, 1, tmp)
+        return time.perf_counter() - t0
+
+    step = demo["ms"] / 1000
+    separate, fused = (min(one(f) for _ in range(repeats)) for f in (False, True))
+    return ("demo checkpoint", "eval + dynamics + files", f"evaluation apart {separate:.1f} s = {separate / step:.1f}x a "
+            f"training step; from the capture's pass {fused:.1f} s = {fused / step:.1f}x ({separate / fused:.2f}x less)")
+
+
 def cpu_bench(reps):
     device = "cpu"
     import platform
@@ -453,6 +487,7 @@ def cpu_bench(reps):
         step_time = len(seqs) / r["rows_per_s"]  # a training step on as many rows
         rows.append(("dynamics", f"{label}, {len(seqs)} rows", f"{cap:.1f} s = {cap / step_time:.2f}x a training "
                      f"step on the same rows; files {size / 2**20:.1f} MiB per split"))
+    rows.append(demo_checkpoint_row(demo, val, suffixes))
     model = demo["model"]
     done("dynamics")
     idle, busy, upload_s = hub_upload_cost(model, demo["opt"], DEMO, 16, 8, device)

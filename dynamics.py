@@ -44,11 +44,24 @@ def find_layers(model, layer_suffixes):
     return layers
 
 
+def eval_sums(losses):
+    """What an evaluation adds up over a batch of per-token losses (B, T), in float64: the sum of
+    per-row perplexities (paloma is their mean), rows, the sum of token losses, tokens."""
+    sums = torch.zeros(4, dtype=torch.float64, device=losses.device)
+    sums[0] += losses.mean(1).exp().sum()
+    sums[1] += len(losses)
+    sums[2] += losses.sum()
+    sums[3] += losses.numel()
+    return sums
+
+
 def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, world_size=1,
-            device="cpu", autocast=None):
+            device="cpu", autocast=None, evaluate=False):
     """Activations, weights and gradients of the chosen layers over the rows of `seqs` (an (N, L)
     int64 array: inputs row[:-1], targets row[1:]). Rows are split into contiguous blocks over
-    the ranks and processed batch_size at a time; every rank returns the full result in row order."""
+    the ranks and processed batch_size at a time; every rank returns the full result in row order.
+    evaluate: also result["eval"], the sums an evaluation of these rows reports, from the same
+    forward pass: [sum of per-row perplexities, rows, sum of token losses, tokens] over all ranks."""
     layers = find_layers(model, layer_suffixes)
     names = list(layers)
     weights = [layers[n].weight for n in names]
@@ -61,11 +74,15 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
         lambda m, inp, out, n=n: acts[n].append(out[:, sequence_idx].detach().float()))
         for n in names]
     grads = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    totals = torch.zeros(4, dtype=torch.float64, device=weights[0].device)  # as train.py's evaluate() sums
+    head_grad = any(w is model.de_embedding_proj.weight for w in weights)  # else the head's weight gradient is waste
     try:
         for i in range(lo, hi, batch_size):
             rows = torch.from_numpy(seqs[i:min(i + batch_size, hi)]).to(device)
             with autocast or torch.autocast("cpu", enabled=False):
-                _, loss = model(rows[:, :-1], rows[:, 1:])
+                _, (loss, losses) = model(rows[:, :-1], rows[:, 1:], reduction="both", head_grad=head_grad)
+            if evaluate:
+                totals += eval_sums(losses)
             # weight each sub-batch mean by its share of all N rows' tokens: the sum over
             # sub-batches and ranks is the gradient of the mean over all N rows
             share = rows[:, 1:].numel() / n_tokens
@@ -81,6 +98,8 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
     if world_size > 1:
         for g in grads:
             dist.all_reduce(g)
+        if evaluate:
+            dist.all_reduce(totals)
         blocks = [None] * world_size
         dist.all_gather_object(blocks, local.cpu())  # blocks arrive in rank order = row order
         local = torch.cat(blocks)
@@ -90,6 +109,8 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
         "weights": {n: w.detach().float().cpu().clone() for n, w in zip(names, weights)},
         "gradients": {n: g.cpu() for n, g in zip(names, grads)},
     }
+    if evaluate:
+        result["eval"] = totals.tolist()
     assert all(a.shape[0] == n_rows for a in result["activations"].values())
     return result
 

@@ -207,21 +207,23 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
         # grad_enabled: torch.is_grad_enabled() where the caller stands (inside forward it is
         # always off); without it an evaluation would compute gradients it never uses
-        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        loss, _, grad_h, grad_w = head_losses(h, weight, targets, chunk, need_grad)
+        need = (grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1])
+        loss, token_losses, grad_h, grad_w = head_losses(h, weight, targets, chunk, *need)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss
+        ctx.mark_non_differentiable(token_losses)  # a by-product for evaluation; the gradient is the mean's
+        return loss, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+        return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
-def head_losses(h, weight, targets, chunk, need_grad=False):
+def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False):
     """The loop behind LinearCrossEntropy: (mean loss, per-token losses (N,), d mean / d h,
-    d mean / d weight), the gradients only if need_grad. h (N, d), weight (V, d), targets (N,).
+    d mean / d weight), each gradient only if asked for. h (N, d), weight (V, d), targets (N,).
     Under autocast the matmuls run in its dtype (bf16), chosen here explicitly; the softmax and
     the losses are always fp32."""
     device = h.device.type
@@ -231,8 +233,9 @@ def head_losses(h, weight, targets, chunk, need_grad=False):
     targets = targets.masked_fill(~valid, 0)
     loss = torch.zeros((), device=h.device, dtype=torch.float32)
     token_losses = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
-    grad_h = torch.empty_like(h) if need_grad else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+    need_grad = need_grad_h or need_grad_w
+    grad_h = torch.empty_like(h) if need_grad_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad_w else None
     with torch.no_grad(), torch.autocast(device, enabled=False):
         h_, w = h.to(dtype), weight.to(dtype)
         buffer = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device, dtype=dtype)
@@ -251,10 +254,11 @@ def head_losses(h, weight, targets, chunk, need_grad=False):
                 g = p.mul_(wc[:, None] / p_sum)  # softmax, weighted
                 g[rows[:n], tc] -= wc  # minus onehot: d loss / d logits
                 g = g.to(dtype)
-                grad_h[i:i + chunk] = g @ w
-                if g.dtype == grad_w.dtype:
+                if need_grad_h:
+                    grad_h[i:i + chunk] = g @ w
+                if need_grad_w and g.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
-                else:
+                elif need_grad_w:
                     grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
     return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w
 
@@ -273,10 +277,14 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean"):
+    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean", head_grad=True):
         """input_ids (B, T) -> (logits (B, T, vocab), None) without targets;
-        (None, mean cross-entropy) with targets (B, T), or (None, per-token losses (B, T)) with
-        reduction="none": with targets the full logits are never materialised (LinearCrossEntropy).
+        (None, mean cross-entropy) with targets (B, T), (None, per-token losses (B, T)) with
+        reduction="none", or (None, (mean, per-token losses)) with reduction="both" (the mean carries
+        the gradient, as with "mean"): with targets the full logits are never materialised
+        (LinearCrossEntropy, the same numbers as F.cross_entropy, computed in chunks).
+        head_grad=False: no gradient for the output head's weight (a capture that does not need it
+        skips a third of the head's work; the other gradients are the same to the bit).
         With a KVCache, input_ids are the tokens after those already cached."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -295,6 +303,7 @@ class PicoDecoder(nn.Module):
             return self.de_embedding_proj(x), None  # (B, T, vocab)
 
         h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
+        w = w if head_grad else w.detach()
         chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
         if reduction == "none":
             if not torch.is_grad_enabled():  # evaluation: the same chunked loop, no gradients
@@ -302,7 +311,8 @@ class PicoDecoder(nn.Module):
             losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
                       for i in range(0, B * T, chunk)]
             return None, torch.cat(losses).view(B, T)
-        return None, LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
+        loss, token_losses = LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
+        return None, (loss, token_losses.view(B, T)) if reduction == "both" else loss
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):

@@ -62,6 +62,7 @@ eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val
 eval_every_n_steps = None  # None: whenever a checkpoint is saved; 0: never (but at the end)
 eval_batch_size = 16
 eval_max_rows = None  # None: the whole evaluation set
+eval_from_dynamics = True  # where the learning dynamics' val rows are these rows: one forward pass for both (False: two)
 sample_prompt = ""  # if set, rank 0 prints a sample continuation at the end of the run
 # model: the pico-decoder (model.ModelConfig)
 d_model = 768
@@ -484,13 +485,15 @@ def evaluate():
         chunk = torch.from_numpy(mine[i:i + eval_batch_size]).to(device)
         with autocast:
             _, losses = raw_model(chunk[:, :-1], chunk[:, 1:], reduction="none")  # (B, T)
-        totals[0] += losses.mean(1).exp().sum()
-        totals[1] += len(chunk)
-        totals[2] += losses.sum()
-        totals[3] += losses.numel()
+        totals += dynamics.eval_sums(losses)
     all_ranks_sum(totals)
     raw_model.train()
-    ppl_sum, rows, loss_sum, n_tokens = totals.tolist()
+    return eval_results(totals.tolist())
+
+
+def eval_results(totals):
+    """The evaluation's numbers from its sums over all rows (dynamics.eval_sums)."""
+    ppl_sum, rows, loss_sum, n_tokens = totals
     loss = loss_sum / n_tokens
     return {"paloma": ppl_sum / rows, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "rows": int(rows), "dataset": eval_dataset_name}
@@ -498,6 +501,20 @@ def evaluate():
 
 def eval_path(step):
     return os.path.join(run_dir, "eval_results", f"step_{step}.json")
+
+
+def report_eval(step, results):
+    """Log and save an evaluation; one whose numbers overflow stops the run before it is saved."""
+    if not all(math.isfinite(results[k]) for k in ("loss", "perplexity", "paloma")):
+        stop(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
+             f"{results['paloma']:.4g}: the model has diverged, so this step is not saved")
+    log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
+        f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
+    if master:
+        os.makedirs(os.path.dirname(eval_path(step)), exist_ok=True)
+        with open(eval_path(step), "w") as f:
+            json.dump(results, f, indent=2)
+    log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
 
 
 def stop(reason, fix="lower lr (or check the data)"):
@@ -513,11 +530,42 @@ def stop(reason, fix="lower lr (or check the data)"):
 wandb_previous_weights = {}  # the captured layers' weights at the last checkpoint, for their relative change
 
 
-def save_checkpoint(step):
-    """Model (Hugging Face format), tokenizer and training state into step_<step>, atomically."""
+def save_checkpoint(step, evaluating=False):
+    """Model (Hugging Face format), tokenizer, training state and learning dynamics into step_<step>,
+    atomically; evaluating: the evaluation too, from the dynamics' forward pass where they share rows."""
     t0 = time.time()
     if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
         stop(f"step {step}: the weights hold NaN or inf, so they are not saved")
+    # the learning dynamics' val rows are the evaluation rows by default (the demo's and pico-train's
+    # settings): their capture's forward pass then gives the evaluation's numbers, one pass for both
+    fused = evaluating and eval_from_dynamics and bool(layer_suffixes) and dynamics_val_seqs is eval_seqs
+    if evaluating and not fused:
+        report_eval(step, evaluate())
+    captured = {}
+    if layer_suffixes:  # every rank takes a share of the rows
+        t1 = time.time()
+        per_rank = -(-learning_dynamics_batch_size // world_size)  # the setting counts rows over all ranks
+        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=per_rank,
+                    rank=rank, world_size=world_size, device=device, autocast=autocast)
+        captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args, evaluate=fused))
+        if fused:
+            report_eval(step, eval_results(captured["val"][1]["eval"]))
+        if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
+            try:
+                rows = train_data.peek_global_batch()
+                captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
+            except data.DataError:  # this checkpoint stays good; the next step stops, naming the row
+                log(f"step {step}: no train learning dynamics: the batch of step {step + 1} is bad")
+        log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
+            + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s"
+            + (" (with the evaluation)" if fused else ""))
+    if wandb_run is not None and captured:  # per-layer numbers, as `python dynamics.py plot` draws them
+        val, summary = captured["val"][1], {}
+        if "train" in captured:
+            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")), split="train"))
+        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
+        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
+        wandb_previous_weights["val"] = val["weights"]
     tmp = [checkpoint.begin(run_dir, step) if master else None]
     if is_dist:
         dist.broadcast_object_list(tmp)
@@ -529,28 +577,6 @@ def save_checkpoint(step):
         rng = [checkpoint.rng_state()]
     # AdamW's state_dict on every backend (under ZeRO-2 gathered from the ranks' shards; rank 0 keeps it)
     optimizer_state = checkpoint.optimizer_state(optimizer, (decay, no_decay), zero=use_deepspeed, keep=master)
-    captured = {}
-    if layer_suffixes:  # every rank takes a share of the rows
-        t1 = time.time()
-        per_rank = -(-learning_dynamics_batch_size // world_size)  # the setting counts rows over all ranks
-        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=per_rank,
-                    rank=rank, world_size=world_size, device=device, autocast=autocast)
-        captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args))
-        if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
-            try:
-                rows = train_data.peek_global_batch()
-                captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
-            except data.DataError:  # this checkpoint stays good; the next step stops, naming the row
-                log(f"step {step}: no train learning dynamics: the batch of step {step + 1} is bad")
-        log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
-            + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s")
-    if wandb_run is not None and captured:  # per-layer numbers, as `python dynamics.py plot` draws them
-        val, summary = captured["val"][1], {}
-        if "train" in captured:
-            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")), split="train"))
-        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
-        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
-        wandb_previous_weights["val"] = val["weights"]
     failed = [None]  # rank 0 writes; a full disk (or any failed write) stops every rank with one line
     if master:
         try:
@@ -601,6 +627,16 @@ def is_save_step(step):
     return step % save_every_n_steps == 0 or (step <= save_log_spaced_until and step & (step - 1) == 0)
 
 
+def pauses_after(step):
+    """How many evaluations and checkpoints come after `step` (the last step's included)."""
+    def multiples(n):  # of n in (step, max_steps]
+        return max_steps // n - step // n
+    every = [save_every_n_steps] + ([eval_every_n_steps] if eval_every_n_steps else [])
+    count = sum(map(multiples, every)) - (multiples(math.lcm(*every)) if len(every) == 2 else 0)
+    others = {2**k for k in range(63) if 2**k <= save_log_spaced_until} | {max_steps}  # off the grid of `every`
+    return count + sum(step < s <= max_steps and all(s % n for n in every) for s in others)
+
+
 def is_eval_step(step):
     return is_save_step(step) if eval_every_n_steps is None else bool(eval_every_n_steps) and step % eval_every_n_steps == 0
 
@@ -628,6 +664,7 @@ signal.signal(signal.SIGTERM, on_signal)
 
 step = start_step
 t_start = t_last = time.time()
+paused, pauses = 0.0, 0  # time spent in evaluations and checkpoints this session, and how many
 steps_since_log = 0
 stop_asked = False  # by a signal on any rank, known to all ranks after the step's all-reduce
 while True:
@@ -635,23 +672,16 @@ while True:
     stopping = (stop_at_step is not None and step >= stop_at_step) or stop_asked
     t_pause = time.time()
     if not (resume_from and step == start_step):  # the step we resumed from is already saved
-        if last_step or is_eval_step(step):
-            results = evaluate()
-            if not all(math.isfinite(results[k]) for k in ("loss", "perplexity", "paloma")):
-                stop(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
-                     f"{results['paloma']:.4g}: the model has diverged, so this step is not saved")
-            log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
-                f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
-            if master:
-                os.makedirs(os.path.dirname(eval_path(step)), exist_ok=True)
-                with open(eval_path(step), "w") as f:
-                    json.dump(results, f, indent=2)
-            log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
+        evaluating = last_step or is_eval_step(step)
         if last_step or stopping or is_save_step(step):
-            save_checkpoint(step)
+            save_checkpoint(step, evaluating)  # evaluating there too, in the capture's pass where they share rows
+        elif evaluating:
+            report_eval(step, evaluate())
+        pauses += evaluating or is_save_step(step)
     if last_step or stopping:
         break
     t_last += time.time() - t_pause  # tokens/s counts training time, not evaluation and checkpoints
+    paused += time.time() - t_pause
 
     # one optimizer step = gradient_accumulation_steps micro-steps on this rank's sub-batches
     step_lr = get_lr(step)
@@ -710,7 +740,9 @@ while True:
         if peak_flops:
             row["mfu"] = flops_per_token * tok_s / (peak_flops * world_size)
             mfu = f", MFU {row['mfu']:.1%}"
-        eta = (now - t_start) / (step - start_step) * (max_steps - step)
+        # what is left: the steps at this session's training speed, the pauses at their measured cost
+        eta = ((now - t_start - paused) / (step - start_step) * (max_steps - step)
+               + (paused / pauses if pauses else 0.0) * pauses_after(step))
         log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {norm:.3f} | "
             f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
         log_metrics(row)

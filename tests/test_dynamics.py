@@ -109,7 +109,12 @@ def test_capture_on_and_off_train_identically(tmp_path, reference_run):
 
     def logged(runs, run):  # every logged number but the speed
         return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics(runs, run)]
-    assert logged(on, "ref") == logged(tmp_path, "off")
+    a, b = logged(on, "ref"), logged(tmp_path, "off")
+    assert [m for m in a if "loss" in m] == [m for m in b if "loss" in m]  # training, to the bit
+    # the evaluation: from the capture's pass with it on, a pass of its own with it off (other batches)
+    evals = [(m, n) for m, n in zip(a, b) if "eval/loss" in m]
+    assert len(evals) == 3 and all(m.keys() == n.keys() and all(abs(m[k] / n[k] - 1) <= 1e-6 for k in m if k != "step")
+                                   for m, n in evals)
 
 
 def test_unknown_suffix_fails_at_start(tmp_path):
@@ -141,3 +146,30 @@ def test_the_train_rows_folder_is_the_one_datasets_writes(tmp_path):
         mine, reference = (json.load(open(tmp_path / d / name)) for d in ("ours", "theirs"))
         mine.pop("_fingerprint", None), reference.pop("_fingerprint", None)
         assert mine == reference, name
+
+
+@pytest.mark.parametrize("nproc,args", [(1, ()), (2, ("--max_steps=12", "--save_every_n_steps=5",
+                                                        "--gradient_accumulation_steps=1"))])
+def test_one_pass_per_checkpoint_gives_the_same_evaluation_and_dynamics(tmp_path, reference_run, nproc, args):
+    """At a checkpoint whose learning-dynamics val rows are the evaluation rows (the default), the
+    evaluation comes from the capture's forward pass: the same numbers as a pass of its own (to
+    1e-6), and the dynamics files are the same bytes, on one process and on 2 (DDP)."""
+    import hashlib
+    import json
+    fused = reference_run(*args, nproc=nproc) / "ref"
+    proc = run_train(tmp_path, "--run_name=apart", *args, "--eval_from_dynamics=False", nproc=nproc)
+    apart = tmp_path / "apart"
+    assert "(with the evaluation)" in (fused / "logs" / "train.log").read_text()
+    assert "(with the evaluation)" not in proc.stdout
+    names = sorted(os.listdir(fused / "eval_results"))
+    assert names == sorted(os.listdir(apart / "eval_results")) and len(names) >= 3
+    for name in names:
+        a, b = (json.loads((run / "eval_results" / name).read_text()) for run in (fused, apart))
+        assert a["rows"] == b["rows"] and a["dataset"] == b["dataset"]
+        for key in ("loss", "paloma", "perplexity"):
+            assert abs(a[key] / b[key] - 1) <= 1e-6, (name, key, a[key], b[key])
+    files = sorted(p.relative_to(fused) for p in fused.glob("checkpoints/step_*/learning_dynamics/**/*") if p.is_file())
+    assert files and files == sorted(p.relative_to(apart) for p in apart.glob("checkpoints/step_*/learning_dynamics/**/*")
+                                     if p.is_file())
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert [f for f in files if digest(fused / f) != digest(apart / f)] == []

@@ -299,3 +299,20 @@ def test_the_mfu_peak_is_the_most_specific_gpu_names():
              "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
              "NVIDIA GeForce RTX 4090": None, "Tesla V100-SXM2-16GB": None}
     assert {n: gpu_peak_flops(n) for n in names} == names
+
+
+def test_both_reductions_and_no_head_gradient_change_no_other_number():
+    # what a learning-dynamics capture asks for: the mean (which carries the gradient) with the
+    # per-token losses of the same pass, and no gradient for the head's weight when it is not captured
+    model = small_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 25))
+    x, y = ids[:, :-1], ids[:, 1:]
+    layers = [model.layers[0].attention.v_proj.weight, model.layers[1].swiglu.w_2.weight]
+    _, loss = model(x, y)
+    full = torch.autograd.grad(loss, layers + [model.de_embedding_proj.weight])
+    _, (both, per_token) = model(x, y, reduction="both", head_grad=False)
+    assert torch.equal(both, loss) and not per_token.requires_grad
+    with torch.no_grad():
+        assert torch.equal(per_token, model(x, y, reduction="none")[1])  # evaluation's numbers, to the bit
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(both, layers), full[:2]))
+    assert not model.de_embedding_proj.weight.grad_fn and model.de_embedding_proj.weight.grad is None
