@@ -2,7 +2,7 @@
 # with the OLMo tokenizer) on a CPU, with no network.
 #   python train.py config/demo.py
 #   torchrun --standalone --nproc_per_node=2 train.py config/demo.py --run_name=demo2   (or 4 processes)
-# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 3.5
+# Expect the validation loss to fall from 10.98 at step 0 to about 5.6 at step 100, in about 3
 # minutes on a 2-core CPU (checkpoints with learning dynamics at steps 0, 1, 2, 4, 8, 16, 32, 50
 # and 100); the run ends with a sample continuation of "And God said". Then draw it:
 #   python dynamics.py plot runs/demo
