@@ -311,7 +311,7 @@ def scan(path):
                 raise
             except Exception as e:  # noqa: BLE001 - not a torch.save file at all
                 raise CheckpointError(f"refusing to load {full}: not a file torch.save wrote ({e})") from None
-            if unsafe := found:
+            if unsafe := sorted(set(found)):
                 raise CheckpointError(f"refusing to load {full}: it names Python objects other than tensors and "
                                       f"plain values ({', '.join(unsafe[:3])}), {REFUSE}")
 

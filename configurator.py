@@ -76,8 +76,8 @@ def configure(argv, settings):
     globals()); only names that already exist there can be set. Returns (the settings' names, the
     settings a run's YAML held but may not set: NOT_FROM_YAML)."""
     names = list(sections(settings["__file__"]))
-    defaults = {k: settings[k] for k in names}
-    ignored = []  # types are checked against these, whatever set a value before
+    defaults = {k: settings[k] for k in names}  # types are checked against these, whatever set a value before
+    ignored = []
     if "--help" in argv or "-h" in argv:
         print_help(settings["__file__"])
         raise SystemExit(0)
