@@ -362,12 +362,12 @@ def check_optimizer_state(saved, n_params, path):
 def load_optimizer_state(optimizer, saved, groups, zero=False):
     """Load optimizer_state()'s dict into a plain AdamW or (zero) into DeepSpeed's ZeRO-2 shards of
     this rank, whatever backend and number of ranks wrote it."""
-    params = [p for group in groups for p in group]
     if not zero:
         optimizer.load_state_dict(saved)
         return
     if not saved["state"]:  # saved before the first step
         return
+    params = [p for group in groups for p in group]
     from deepspeed.utils import safe_set_full_optimizer_state
     base = optimizer.optimizer
     step = saved["state"][0]["step"]

@@ -75,11 +75,11 @@ def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of 
         return hub.retry(fn, what, log.warning, attempts)
     except Exception as e:  # noqa: BLE001 - sorted out below
         if hub.transient(e):
-            raise DataError(hub._scrub(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
-                                       f"{hub._line(e)}). {hint}")) from None
+            raise DataError(f"{what}: still failing after {attempts} attempts ({type(e).__name__}: "
+                            f"{hub.error_line(e)}). {hint}") from None
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
         if isinstance(e, HfHubHTTPError) and not isinstance(e, RepositoryNotFoundError):
-            raise DataError(f"{what}: the Hub refused ({type(e).__name__}: {hub._line(e)}); check the dataset name "
+            raise DataError(f"{what}: the Hub refused ({type(e).__name__}: {hub.error_line(e)}); check the dataset name "
                             f"and that your token (HF_TOKEN or `huggingface-cli login`) may read it") from None
         raise
 

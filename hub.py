@@ -66,8 +66,8 @@ def _scrub(text):
     return text
 
 
-def _line(e):
-    """The first line of an error's message, token removed."""
+def error_line(e):
+    """The first line of an error's message, token removed (for every message built from a Hub error)."""
     text = _scrub(str(e))
     return text.splitlines()[0][:300] if text else ""
 
@@ -112,7 +112,7 @@ def retry(fn, what, log, attempts=None, max_delay=30.0):
             if not transient(e) or attempt == attempts:
                 raise
             cause = list(_chain(e))[-1]  # the root cause: a refused connection, a timeout, ...
-            log(f"{what} failed ({type(cause).__name__}: {_line(cause)}); retry {attempt}"
+            log(f"{what} failed ({type(cause).__name__}: {error_line(cause)}); retry {attempt}"
                 + (f"/{attempts - 1}" if attempts else "") + f" in {delay:.0f}s")
             time.sleep(delay)
             delay = min(2 * delay, max_delay)
@@ -193,9 +193,9 @@ class Uploader:
             return retry(fn, what, lambda m: said or said.append(self.log(f"hub: {m} (and on, in the background)")))
         except Exception as e:  # noqa: BLE001 - not worth retrying: one line on why
             status = _status(e)
-            raise PermanentError(f"{what}: the Hub refused ({status}): {_line(e)}. Check HF_TOKEN (or `huggingface-cli "
+            raise PermanentError(f"{what}: the Hub refused ({status}): {error_line(e)}. Check HF_TOKEN (or `huggingface-cli "
                                  f"login`) and write access to {self.repo_id}." if status else
-                                 f"{what}: " + "; ".join(f"{type(x).__name__}: {_line(x)}" for x in _chain(e))) from None
+                                 f"{what}: " + "; ".join(f"{type(x).__name__}: {error_line(x)}" for x in _chain(e))) from None
 
     def _work(self):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -412,4 +412,4 @@ if __name__ == "__main__":
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - one line, never the token, instead of a traceback
-        raise SystemExit(f"hub.py {cli.cmd}: {type(e).__name__}: {_line(e)}") from None
+        raise SystemExit(f"hub.py {cli.cmd}: {type(e).__name__}: {error_line(e)}") from None

@@ -430,8 +430,8 @@ if resume_from:
         raise SystemExit(f"data error: {e}") from None
     start_step = resumed_state["step"]
     log(f"resumed from {resume_from} at step {start_step}")
-    metric_rows, unreadable = checkpoint.read_metrics(run_dir)
-    if master and (metric_rows or unreadable):  # drop rows of steps after the checkpoint (they are redone)
+    metric_rows, unreadable = checkpoint.read_metrics(run_dir) if master else ([], 0)  # rank 0's file
+    if metric_rows or unreadable:  # drop rows of steps after the checkpoint (they are redone)
         metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
         with open(metrics_path + ".tmp", "w") as f:  # then renamed over it: a crash leaves one or the other
             f.writelines(json.dumps(row) + "\n" for row in metric_rows if row["step"] <= start_step)
