@@ -134,9 +134,10 @@ def model_ab(device, reps, batch, seq_len):
             fwd_bwd(m, x, hf=name != "ours")
             sync(device)
         mems[name] = mem.peak
-    ratios = [a / b for a, b in zip(times["ours"], times["transformers"])]
+    ratios = [a / b for a, b in zip(times["ours"], times["transformers"], strict=True)]
     attn = attention_alone(ours.config, batch, seq_len, device, reps)
-    return {"attn_ms": 1000 * attn, "ours_ms": 1000 * statistics.median(times["ours"]), "hf_ms": 1000 * statistics.median(times["transformers"]),
+    return {"attn_ms": 1000 * attn, "ours_ms": 1000 * statistics.median(times["ours"]),
+            "hf_ms": 1000 * statistics.median(times["transformers"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ours_mem": mems["ours"], "hf_mem": mems["transformers"],
             "ours_faults": statistics.median(faults["ours"]), "hf_faults": statistics.median(faults["transformers"])}
@@ -315,13 +316,14 @@ def hub_data_cost(folder, steps, workers=4, seq_len=2048, batch=64, rate=None, s
         cache_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(job["cache"]) for f in fs
                           if not os.path.islink(os.path.join(d, f)))
         server.stop()
-        for p, (out, err) in zip(procs, outs):
+        for p, (_, err) in zip(procs, outs, strict=True):
             if p.returncode:
                 raise RuntimeError(f"a data worker failed:\n{err[-3000:]}")
         ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
     read = {f for r in ranks for f in r["shards"]}
-    return {"bytes_sent": server.state.bytes_sent, "bytes_read": sum(os.path.getsize(os.path.join(folder, f)) for f in read),
+    return {"bytes_sent": server.state.bytes_sent,
+            "bytes_read": sum(os.path.getsize(os.path.join(folder, f)) for f in read),
             "gets": {f: gets.count(f) for f in files}, "cached": cached, "cache_bytes": cache_bytes, "ranks": ranks}
 
 
@@ -427,14 +429,16 @@ def demo_checkpoint_row(demo, val, suffixes, repeats=2):
 
     step = demo["ms"] / 1000
     separate, fused = (min(one(f) for _ in range(repeats)) for f in (False, True))
-    return ("demo checkpoint", "eval + dynamics + files", f"evaluation apart {separate:.1f} s = {separate / step:.1f}x a "
-            f"training step; from the capture's pass {fused:.1f} s = {fused / step:.1f}x ({separate / fused:.2f}x less)")
+    return ("demo checkpoint", "eval + dynamics + files",
+            f"evaluation apart {separate:.1f} s = {separate / step:.1f}x a training step; from the capture's pass "
+            f"{fused:.1f} s = {fused / step:.1f}x ({separate / fused:.2f}x less)")
 
 
 def cpu_bench(reps):
     device = "cpu"
     import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
     print(f"CPU: {cpu} ({os.cpu_count()} cores), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     rows = []
     t_start = time.time()
@@ -448,30 +452,37 @@ def cpu_bench(reps):
         rows.append(("model A/B", label, f"ours {r['ours_ms']:.0f} ms vs transformers {r['hf_ms']:.0f} ms: ratio "
                      f"{r['ratio']:.2f} (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}, {reps} reps)"))
     done("model A/B")
-    rows.append(("attention", "tiny, T=2048: 12 x SDPA fwd+bwd alone", f"{ab['attn_ms']:.0f} ms = {ab['attn_ms'] / ab['hf_ms']:.0%} of "
-                 f"transformers' step (the same kernel in both models)"))
-    rows.append(("peak memory", "same step", f"ours {ab['ours_mem'] / 2**20:.0f} MiB vs transformers {ab['hf_mem'] / 2**20:.0f} MiB"))
-    rows.append(("page faults", "same step (fresh pages touched)", f"ours {ab['ours_faults']:,.0f} vs transformers {ab['hf_faults']:,.0f}"))
+    rows.append(("attention", "tiny, T=2048: 12 x SDPA fwd+bwd alone",
+                 f"{ab['attn_ms']:.0f} ms = {ab['attn_ms'] / ab['hf_ms']:.0%} of transformers' step (the same kernel "
+                 f"in both models)"))
+    rows.append(("peak memory", "same step",
+                 f"ours {ab['ours_mem'] / 2**20:.0f} MiB vs transformers {ab['hf_mem'] / 2**20:.0f} MiB"))
+    rows.append(("page faults", "same step (fresh pages touched)",
+                 f"ours {ab['ours_faults']:,.0f} vs transformers {ab['hf_faults']:,.0f}"))
 
     demo = train_step_rate(DEMO, batch=16, micro=8, device=device, steps=3)
     tiny = train_step_rate(TINY, batch=2, micro=1, device=device, steps=2)
     for label, r in (("demo", demo), ("tiny (T=2048)", tiny)):
-        rows.append(("train step", label, f"{r['tok_s']:,.0f} tok/s, {r['ms']:.0f} ms/step, peak +{r['mem'] / 2**20:.0f} MiB RSS"))
+        rows.append(("train step", label,
+                     f"{r['tok_s']:,.0f} tok/s, {r['ms']:.0f} ms/step, peak +{r['mem'] / 2**20:.0f} MiB RSS"))
 
     done("train steps")
     with tempfile.TemporaryDirectory() as tmp:
         embedded = loader_rate(data.DEMO_DIR, 256, 64)
         synthetic = loader_rate(synthetic_parquet(tmp), 2048, 16)
-        rows.append(("data loader", "embedded corpus (T=256)", f"{embedded:,.0f} tok/s = {embedded / demo['tok_s']:,.0f}x the demo step's need"))
-        rows.append(("data loader", "synthetic 2049-token parquet", f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
+        rows.append(("data loader", "embedded corpus (T=256)",
+                     f"{embedded:,.0f} tok/s = {embedded / demo['tok_s']:,.0f}x the demo step's need"))
+        rows.append(("data loader", "synthetic 2049-token parquet",
+                     f"{synthetic:,.0f} tok/s = {synthetic / tiny['tok_s']:,.0f}x the tiny step's need"))
         done("data loader")
         rows += hub_data_rows(tmp)
         done("hub data")
     for label, cfg, step in (("demo", DEMO, demo), ("tiny", TINY, tiny), ("small", SMALL, None)):
         dt, manifest_s, verify_s, size, n = checkpoint_cost(cfg, device)
         vs = f" = {dt / (step['ms'] / 1000):.2f}x its training step" if step else ""
-        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)", f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW "
-                     f"state){vs}; of which the sha256 manifest {manifest_s:.2f} s; checked on resume in {verify_s:.2f} s"))
+        rows.append(("checkpoint", f"{label} ({n / 1e6:.1f}M params)",
+                     f"{dt:.2f} s, {size / 2**20:.0f} MiB (model + AdamW state){vs}; of which the sha256 manifest "
+                     f"{manifest_s:.2f} s; checked on resume in {verify_s:.2f} s"))
 
     done("checkpoints")
     suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
@@ -491,8 +502,9 @@ def cpu_bench(reps):
     model = demo["model"]
     done("dynamics")
     idle, busy, upload_s = hub_upload_cost(model, demo["opt"], DEMO, 16, 8, device)
-    rows.append(("hub upload", "demo checkpoint, local server", f"{upload_s:.1f} s in the background; step {busy * 1000:.0f} ms "
-                 f"during vs {idle * 1000:.0f} ms idle ({busy / idle:.2f}x)"))
+    rows.append(("hub upload", "demo checkpoint, local server",
+                 f"{upload_s:.1f} s in the background; step {busy * 1000:.0f} ms during vs {idle * 1000:.0f} ms idle "
+                 f"({busy / idle:.2f}x)"))
 
     done("hub upload")
     width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)

@@ -137,8 +137,9 @@ def lock_run(run_dir):
     except OSError:
         holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise CheckpointError(f"{run_dir} is in use by {holder}: two runs in one folder would overwrite each other's "
-                              f"checkpoints and logs. Wait for it to end (or stop it), or use another run_name") from None
+        raise CheckpointError(f"{run_dir} is in use by {holder}: two runs in one folder would overwrite each "
+                              f"other's checkpoints and logs. Wait for it to end (or stop it), or use another "
+                              f"run_name") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
               .encode(), 0)
@@ -172,7 +173,8 @@ def foreign_links(run_dir):
     for root, dirs, names in os.walk(run_dir):  # os.walk does not follow links to folders
         if root == run_dir and "wandb" in dirs:
             dirs.remove("wandb")  # wandb's own folder, with links wandb makes and remakes itself
-        found += [full for name in dirs + names if os.path.islink(full := os.path.join(root, name)) and full not in ours]
+        found += [full for name in dirs + names
+                  if os.path.islink(full := os.path.join(root, name)) and full not in ours]
     return sorted(found)
 
 
@@ -211,13 +213,15 @@ def latest(run_dir, log=print):
         try:
             verify(step_dir(run_dir, steps[-1]))
         except CheckpointError as e:
-            raise CheckpointError(f"{checkpoints_dir(run_dir)} holds checkpoints (steps {shown}) but no `latest` link "
-                                  f"(a copy that drops symbolic links?), and the newest does not pass its checks ({e}); "
-                                  f"point `latest` at the one to resume, e.g. `ln -sfn step_{steps[-2] if len(steps) > 1 else steps[-1]} "
-                                  f"{link}`, or start over with auto_resume=False (this run is then kept aside)") from None
+            example = steps[-2] if len(steps) > 1 else steps[-1]
+            raise CheckpointError(f"{checkpoints_dir(run_dir)} holds checkpoints (steps {shown}) but no `latest` "
+                                  f"link (a copy that drops symbolic links?), and the newest does not pass its "
+                                  f"checks ({e}); point `latest` at the one to resume, e.g. `ln -sfn step_{example} "
+                                  f"{link}`, or start over with auto_resume=False (this run is then kept "
+                                  f"aside)") from None
         point_latest(run_dir, steps[-1])
-        log(f"{link} was missing (a copy that drops symbolic links?): resuming from step_{steps[-1]}, the newest of the "
-            f"checkpoints here (steps {shown}); `latest` is made again")
+        log(f"{link} was missing (a copy that drops symbolic links?): resuming from step_{steps[-1]}, the newest "
+            f"of the checkpoints here (steps {shown}); `latest` is made again")
         return step_dir(run_dir, steps[-1])
     if not os.path.islink(link):
         raise CheckpointError(f"{link} is a regular file, not a link to a step_<N> folder; remove it and "
@@ -293,10 +297,10 @@ def scan(path):
     """Refuse a checkpoint folder any of whose pickle-based files (*.pt) names a Python object that
     load_state() would not accept, without loading any of it."""
     if os.path.isdir(os.path.join(path, "deepspeed")):
-        raise CheckpointError(f"{path} keeps its optimizer state in DeepSpeed's own files (deepspeed/), the format of "
-                              f"an earlier pico-train, which is no longer read (its pickles could run code); its weights "
-                              f"(model.safetensors) load as ever, but to go on training, resume it with the pico-train "
-                              f"that wrote it or start a new run")
+        raise CheckpointError(f"{path} keeps its optimizer state in DeepSpeed's own files (deepspeed/), the format "
+                              f"of an earlier pico-train, which is no longer read (its pickles could run code); its "
+                              f"weights (model.safetensors) load as ever, but to go on training, resume it with "
+                              f"the pico-train that wrote it or start a new run")
     for root, _, names in os.walk(path):
         for name in sorted(n for n in names if n.endswith(".pt")):
             full = os.path.join(root, name)
@@ -340,7 +344,8 @@ def optimizer_state(optimizer, groups, zero=False, keep=True):
                 state[i] = {"step": step.clone(), **{k: v.cpu() for k, v in full.items()}}
     numbers = iter(range(len(params)))
     param_groups = [{**{k: v for k, v in base_group.items() if k != "params"},
-                     "params": [next(numbers) for _ in group]} for base_group, group in zip(base.param_groups, groups)]
+                     "params": [next(numbers) for _ in group]}
+                    for base_group, group in zip(base.param_groups, groups, strict=True)]
     return {"state": state, "param_groups": param_groups} if keep else None
 
 
@@ -371,7 +376,7 @@ def load_optimizer_state(optimizer, saved, groups, zero=False):
     from deepspeed.utils import safe_set_full_optimizer_state
     base = optimizer.optimizer
     step = saved["state"][0]["step"]
-    for group, flat in zip(base.param_groups, optimizer.single_partition_of_fp32_groups):
+    for group, flat in zip(base.param_groups, optimizer.single_partition_of_fp32_groups, strict=True):
         on_device = group.get("fused") or group.get("capturable")  # AdamW keeps `step` there in these modes
         base.state[flat] = {"step": step.to(flat.device if on_device else "cpu", torch.float32).clone(),
                             **{k: torch.zeros_like(flat) for k in OPTIMIZER_KEYS}}
@@ -394,8 +399,9 @@ def check_training_state(state, path, step):
         bad(f"its step {state['step']!r} is not {step}, the step of its folder")
     config = state["config"]
     scalars = (bool, int, float, str, type(None))
-    if not isinstance(config, dict) or not all(isinstance(k, str) and (isinstance(v, scalars) or isinstance(v, list) and all(
-            isinstance(x, scalars) for x in v)) for k, v in config.items()):
+    def plain(v):
+        return isinstance(v, scalars) or isinstance(v, list) and all(isinstance(x, scalars) for x in v)
+    if not isinstance(config, dict) or not all(isinstance(k, str) and plain(v) for k, v in config.items()):
         bad("its settings (config) are not plain values and flat lists of them")
     position = state["data"]
     if not isinstance(position, dict) or not all(type(position.get(k)) is int and position[k] >= 0

@@ -123,7 +123,8 @@ def read_yaml(path):
     """The settings in a training_config.yaml (the layout train.py writes: {section: {setting: value}}),
     read with yaml.safe_load: a file from someone else's run cannot run code."""
     if os.path.getsize(path) > 1_000_000:
-        raise SystemExit(f"config error: {path} is {os.path.getsize(path):,} bytes, too large for a training_config.yaml")
+        raise SystemExit(f"config error: {path} is {os.path.getsize(path):,} bytes, too large for a "
+                         f"training_config.yaml")
     with open(path) as f:
         text = f.read()
     with contextlib.suppress(yaml.YAMLError):  # (a malformed file is reported below)
@@ -154,7 +155,8 @@ def print_help(script):
     between its first two `# ----` lines is printed as it stands)."""
     with open(script) as f:
         block = f.read().split(RULE)[1]
-    print(f"usage: python {os.path.basename(script)} [config/<file>.py | <run>/training_config.yaml ...] [--key=value ...]\n"
+    print(f"usage: python {os.path.basename(script)} [config/<file>.py | <run>/training_config.yaml ...] "
+          f"[--key=value ...]\n"
           f"       torchrun --nproc_per_node=N {os.path.basename(script)} [the same]\n\n"
           f"Config files (plain assignments, or a run's training_config.yaml) and --key=value overrides apply in "
           f"order; each value must have the type of its default.\nThe settings and their defaults:\n")
@@ -174,7 +176,8 @@ def describe(config, script):
     """The settings as a person reads them: a few lines per section of training_config.yaml."""
     lines = []
     for section, values in nested(config, script).items():
-        text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items() if k != "model_type")
+        text = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                         for k, v in values.items() if k != "model_type")
         lines += textwrap.wrap(text, 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4))
     return "\n".join(lines)
 

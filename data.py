@@ -20,6 +20,10 @@ each byte crosses the network once per node however many ranks read it. Not thro
 IterableDataset: with datasets 5.2 its state_dict() did not move when iterating in batches, and
 its resume reads the current shard from the start. `datasets` is used for `save_to_disk` folders.
 
+The file reads from the training loop outwards: the training stream (TrainStream) and the
+evaluation rows, then rows -> checked token arrays, then the shards they come from (local parquet,
+the Hub cache, save_to_disk tables), then the corpus tools.
+
 Run as a script it builds the embedded demo corpus or tokenizes your own text:
     python data.py build-demo            # rebuild data/demo/*.parquet from data/demo/kjv.txt.xz
     python data.py tokenize a.txt b.txt --out data/mine   # one document per file
@@ -65,6 +69,188 @@ class MissingSplit(DataError):
 
 
 # ----------------------------------------------------------------------------------------------
+# the training stream
+
+class TrainStream:
+    """The global sequence order of a training set, cut into per-rank sub-batches.
+
+    next_batch() returns this rank's sub-batches for one optimizer step: a list of
+    gradient_accumulation_steps (x, y) pairs, each (sub_batch, seq_len) int64 on `device`.
+    state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
+
+    def __init__(self, name, seq_len, vocab_size, batch_size, sub_batch, rank=0, world_size=1,
+                 split="train", device="cpu", cache_dir=None, cache_budget_gb=None, fetcher=True):
+        if batch_size % (sub_batch * world_size):
+            raise ValueError(f"batch_size {batch_size} is not divisible by sub_batch {sub_batch} x "
+                             f"world_size {world_size}")
+        self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
+        self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
+        self.device = device
+        self.shards = open_shards(name, split, cache_dir=cache_dir)
+        # a Hub dataset: its files come into the node's cache; the fetcher (one rank per node) fetches the
+        # next one in the background and removes passed ones while they take more than the budget
+        self.hub = getattr(self.shards[0], "hub", None)
+        self.fetcher, self.budget = fetcher, None if cache_budget_gb is None else cache_budget_gb * 2**30
+        if self.hub and fetcher:
+            self.hub.sweep()
+        # open local shards now (a footer each, closed again: 10,000 open files would pass the limit),
+        # so an empty or broken file stops the run before any work; a Hub dataset (10,000 shards)
+        # downloads each file as the run reaches it
+        if not self.hub:
+            rows = 0
+            for shard in self.shards:
+                rows += shard.num_rows
+                shard.close()
+            if rows == 0:
+                raise DataError(f"{name}: the dataset has no rows")
+        self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
+        self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
+
+    def _seqs_per_row(self, shard):
+        if self._windows is None:  # all shards of a dataset share one row length
+            first = shard.read(0, 1)
+            row_len = int(list_lengths(first.column("input_ids").combine_chunks())[0])
+            self._windows = windows_per_row(row_len, self.seq_len, shard.name)
+            self._row_len = row_len
+        return self._windows
+
+    def _read(self, n):
+        """The next n sequences of the global order (advancing the position), as (n, T + 1)."""
+        out, empty = [], 0
+        while n > 0:
+            if empty > len(self.shards):
+                raise DataError(f"{self.name}: the dataset has no rows")
+            shard = self.shards[self.shard]
+            k = self._seqs_per_row(shard)
+            total = shard.num_rows * k
+            if self.seq >= total:  # end of shard -> next shard, next epoch after the last one
+                shard.close()
+                self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
+                if self.shard == len(self.shards):
+                    self.shard, self.epoch = 0, self.epoch + 1
+                    log.info("%s: end of data, starting epoch %d", self.name, self.epoch)
+                continue
+            if self.hub and self.fetcher and self.shard + 1 < len(self.shards):
+                # the next file downloads while this one trains (not past the end: a run of one pass,
+                # as the published configs are, would fetch the first file again for nothing)
+                self.hub.prefetch(self.shard + 1)
+            take = min(n, total - self.seq)
+            row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
+            ids = rows_to_array(shard.read(row0, row1), shard.name, row0, self.vocab_size, self._row_len)
+            seqs = to_windows(ids, self.seq_len) if k > 1 else ids
+            out.append(seqs[self.seq - row0 * k:self.seq - row0 * k + take])
+            self.seq, n = self.seq + take, n - take
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def peek_global_batch(self):
+        """The whole next global batch (batch_size, T + 1), without moving the position."""
+        state = self.state_dict()
+        try:
+            return self._read(self.batch_size)
+        finally:
+            self.load_state_dict(state)
+
+    def next_batch(self):
+        first = self.shard
+        seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch
+        if self.hub and self.fetcher and self.budget is not None:
+            # every rank has read the previous batch (its gradients were reduced), so none reads
+            # before `first` any more
+            self.hub.evict(first, self.shard, self.budget)
+        per_rank = self.batch_size // self.world_size
+        mine = torch.from_numpy(seqs[self.rank * per_rank:(self.rank + 1) * per_rank])
+        subs = []
+        for chunk in mine.split(self.sub_batch):
+            chunk = chunk.to(self.device, non_blocking=True)
+            subs.append((chunk[:, :-1], chunk[:, 1:]))
+        return subs
+
+    def state_dict(self):
+        return {"dataset": self.name, "epoch": self.epoch, "shard": self.shard,
+                "shard_name": os.path.basename(self.shards[self.shard].name), "seq": self.seq,
+                "row_len": self._row_len}
+
+    def load_state_dict(self, state):
+        shard = state["shard"]
+        if not 0 <= shard < len(self.shards) or os.path.basename(self.shards[shard].name) != state["shard_name"]:
+            raise DataError(f"cannot resume {self.name}: the saved position is in shard "
+                            f"{state['shard']} ({state['shard_name']}), which this dataset no longer "
+                            f"has at that index ({len(self.shards)} shards now)")
+        self.epoch, self.shard, self.seq = state["epoch"], state["shard"], state["seq"]
+        if state.get("row_len"):  # known already: no need to read a row to learn it
+            self._row_len = state["row_len"]
+            self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
+
+
+def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, cache_dir=None):
+    """A fixed evaluation set as an (N, L) int64 array, L = seq_len + 1 (rows cut into windows
+    like training rows) or L = seq_len (rows of exactly max_seq_len tokens, as paloma-tinsy's
+    2048-token rows: their predictions are row[1:] from row[:-1])."""
+    arrays, rows = [], 0
+    for shard in open_shards(name, split, cache_dir=cache_dir):
+        n = shard.num_rows if max_rows is None else min(shard.num_rows, max_rows - rows)
+        if n > 0:
+            arrays.append(rows_to_array(shard.read(0, n), shard.name, 0, vocab_size))
+            rows += n
+    lengths = {a.shape[1] for a in arrays}
+    if len(lengths) != 1:
+        raise DataError(f"{name}: shards have different row lengths {sorted(lengths)}")
+    ids = np.concatenate(arrays)
+    if ids.shape[1] == seq_len:
+        return ids
+    windows_per_row(ids.shape[1], seq_len, name)
+    return to_windows(ids, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# rows -> checked int64 token arrays
+
+def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
+    """Turn a table of input_ids rows into an (n, row_len) int64 array, refusing bad rows with
+    the shard and row number. Nothing is padded, truncated or skipped."""
+    check_schema(table.schema, shard_name)
+    col = table.column("input_ids").combine_chunks()
+    lengths = list_lengths(col)
+    if col.null_count:
+        bad = int(np.flatnonzero(np.asarray(col.is_null()))[0])
+        raise DataError(f"{shard_name} row {first_row + bad}: input_ids is missing (null)")
+    if row_len is None and len(lengths):
+        row_len = int(lengths[0])  # the first row sets the length the others must have
+    if len(lengths) and (lengths != row_len).any():
+        bad = int(np.flatnonzero(lengths != row_len)[0])
+        raise DataError(f"{shard_name} row {first_row + bad}: {lengths[bad]} tokens, expected {row_len}")
+    ids = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(lengths), row_len)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(np.flatnonzero(((ids < 0) | (ids >= vocab_size)).any(axis=1))[0])
+        tok = ids[bad][(ids[bad] < 0) | (ids[bad] >= vocab_size)][0]
+        raise DataError(f"{shard_name} row {first_row + bad}: token id {tok} outside [0, {vocab_size})")
+    return ids
+
+
+def list_lengths(col):
+    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
+
+
+def windows_per_row(row_len, seq_len, where):
+    """How many training sequences of seq_len + 1 tokens one row holds."""
+    if row_len == seq_len + 1:
+        return 1
+    if row_len > seq_len + 1 and (row_len - 1) % seq_len == 0:
+        return (row_len - 1) // seq_len
+    raise DataError(f"{where}: rows have {row_len} tokens, which a model with max_seq_len={seq_len} "
+                    f"cannot use exactly: it needs rows of max_seq_len + 1 tokens, or rows of k * "
+                    f"max_seq_len + 1 (2049 = 8 x 256 + 1 serves max_seq_len 256)")
+
+
+def to_windows(ids, seq_len):
+    """(n, k * seq_len + 1) -> (n * k, seq_len + 1): consecutive windows sharing one token."""
+    n, row_len = ids.shape
+    k = (row_len - 1) // seq_len
+    idx = np.arange(k)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # (k, seq_len + 1)
+    return ids[:, idx].reshape(n * k, seq_len + 1)
+
+
+# ----------------------------------------------------------------------------------------------
 # shards: where rows come from
 
 def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of the data."):
@@ -79,8 +265,8 @@ def _retry(fn, what, attempts=6, hint="Check the network or use a local copy of 
                             f"{hub.error_line(e)}). {hint}") from None
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
         if isinstance(e, HfHubHTTPError) and not isinstance(e, RepositoryNotFoundError):
-            raise DataError(f"{what}: the Hub refused ({type(e).__name__}: {hub.error_line(e)}); check the dataset name "
-                            f"and that your token (HF_TOKEN or `huggingface-cli login`) may read it") from None
+            raise DataError(f"{what}: the Hub refused ({type(e).__name__}: {hub.error_line(e)}); check the dataset "
+                            f"name and that your token (HF_TOKEN or `huggingface-cli login`) may read it") from None
         raise
 
 
@@ -394,188 +580,6 @@ def held_out_split(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# rows -> checked int64 token arrays
-
-def rows_to_array(table, shard_name, first_row, vocab_size, row_len=None):
-    """Turn a table of input_ids rows into an (n, row_len) int64 array, refusing bad rows with
-    the shard and row number. Nothing is padded, truncated or skipped."""
-    check_schema(table.schema, shard_name)
-    col = table.column("input_ids").combine_chunks()
-    lengths = list_lengths(col)
-    if col.null_count:
-        bad = int(np.flatnonzero(np.asarray(col.is_null()))[0])
-        raise DataError(f"{shard_name} row {first_row + bad}: input_ids is missing (null)")
-    if row_len is None and len(lengths):
-        row_len = int(lengths[0])  # the first row sets the length the others must have
-    if len(lengths) and (lengths != row_len).any():
-        bad = int(np.flatnonzero(lengths != row_len)[0])
-        raise DataError(f"{shard_name} row {first_row + bad}: {lengths[bad]} tokens, expected {row_len}")
-    ids = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(lengths), row_len)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = int(np.flatnonzero(((ids < 0) | (ids >= vocab_size)).any(axis=1))[0])
-        tok = ids[bad][(ids[bad] < 0) | (ids[bad] >= vocab_size)][0]
-        raise DataError(f"{shard_name} row {first_row + bad}: token id {tok} outside [0, {vocab_size})")
-    return ids
-
-
-def list_lengths(col):
-    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
-
-
-def windows_per_row(row_len, seq_len, where):
-    """How many training sequences of seq_len + 1 tokens one row holds."""
-    if row_len == seq_len + 1:
-        return 1
-    if row_len > seq_len + 1 and (row_len - 1) % seq_len == 0:
-        return (row_len - 1) // seq_len
-    raise DataError(f"{where}: rows have {row_len} tokens, which a model with max_seq_len={seq_len} "
-                    f"cannot use exactly: it needs rows of max_seq_len + 1 tokens, or rows of k * "
-                    f"max_seq_len + 1 (2049 = 8 x 256 + 1 serves max_seq_len 256)")
-
-
-def to_windows(ids, seq_len):
-    """(n, k * seq_len + 1) -> (n * k, seq_len + 1): consecutive windows sharing one token."""
-    n, row_len = ids.shape
-    k = (row_len - 1) // seq_len
-    idx = np.arange(k)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # (k, seq_len + 1)
-    return ids[:, idx].reshape(n * k, seq_len + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# the training stream
-
-class TrainStream:
-    """The global sequence order of a training set, cut into per-rank sub-batches.
-
-    next_batch() returns this rank's sub-batches for one optimizer step: a list of
-    gradient_accumulation_steps (x, y) pairs, each (sub_batch, seq_len) int64 on `device`.
-    state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
-
-    def __init__(self, name, seq_len, vocab_size, batch_size, sub_batch, rank=0, world_size=1,
-                 split="train", device="cpu", cache_dir=None, cache_budget_gb=None, fetcher=True):
-        if batch_size % (sub_batch * world_size):
-            raise ValueError(f"batch_size {batch_size} is not divisible by sub_batch {sub_batch} x "
-                             f"world_size {world_size}")
-        self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
-        self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
-        self.device = device
-        self.shards = open_shards(name, split, cache_dir=cache_dir)
-        # a Hub dataset: its files come into the node's cache; the fetcher (one rank per node) fetches the
-        # next one in the background and removes passed ones while they take more than the budget
-        self.hub = getattr(self.shards[0], "hub", None)
-        self.fetcher, self.budget = fetcher, None if cache_budget_gb is None else cache_budget_gb * 2**30
-        if self.hub and fetcher:
-            self.hub.sweep()
-        # open local shards now (a footer each, closed again: 10,000 open files would pass the limit),
-        # so an empty or broken file stops the run before any work; a Hub dataset (10,000 shards)
-        # downloads each file as the run reaches it
-        if not self.hub:
-            rows = 0
-            for shard in self.shards:
-                rows += shard.num_rows
-                shard.close()
-            if rows == 0:
-                raise DataError(f"{name}: the dataset has no rows")
-        self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
-        self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
-
-    def _seqs_per_row(self, shard):
-        if self._windows is None:  # all shards of a dataset share one row length
-            first = shard.read(0, 1)
-            row_len = int(list_lengths(first.column("input_ids").combine_chunks())[0])
-            self._windows = windows_per_row(row_len, self.seq_len, shard.name)
-            self._row_len = row_len
-        return self._windows
-
-    def _read(self, n):
-        """The next n sequences of the global order (advancing the position), as (n, T + 1)."""
-        out, empty = [], 0
-        while n > 0:
-            if empty > len(self.shards):
-                raise DataError(f"{self.name}: the dataset has no rows")
-            shard = self.shards[self.shard]
-            k = self._seqs_per_row(shard)
-            total = shard.num_rows * k
-            if self.seq >= total:  # end of shard -> next shard, next epoch after the last one
-                shard.close()
-                self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
-                if self.shard == len(self.shards):
-                    self.shard, self.epoch = 0, self.epoch + 1
-                    log.info("%s: end of data, starting epoch %d", self.name, self.epoch)
-                continue
-            if self.hub and self.fetcher and self.shard + 1 < len(self.shards):
-                # the next file downloads while this one trains (not past the end: a run of one pass,
-                # as the published configs are, would fetch the first file again for nothing)
-                self.hub.prefetch(self.shard + 1)
-            take = min(n, total - self.seq)
-            row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
-            ids = rows_to_array(shard.read(row0, row1), shard.name, row0, self.vocab_size, self._row_len)
-            seqs = to_windows(ids, self.seq_len) if k > 1 else ids
-            out.append(seqs[self.seq - row0 * k:self.seq - row0 * k + take])
-            self.seq, n = self.seq + take, n - take
-        return np.concatenate(out) if len(out) > 1 else out[0]
-
-    def peek_global_batch(self):
-        """The whole next global batch (batch_size, T + 1), without moving the position."""
-        state = self.state_dict()
-        try:
-            return self._read(self.batch_size)
-        finally:
-            self.load_state_dict(state)
-
-    def next_batch(self):
-        first = self.shard
-        seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch
-        if self.hub and self.fetcher and self.budget is not None:
-            # every rank has read the previous batch (its gradients were reduced), so none reads
-            # before `first` any more
-            self.hub.evict(first, self.shard, self.budget)
-        per_rank = self.batch_size // self.world_size
-        mine = torch.from_numpy(seqs[self.rank * per_rank:(self.rank + 1) * per_rank])
-        subs = []
-        for chunk in mine.split(self.sub_batch):
-            chunk = chunk.to(self.device, non_blocking=True)
-            subs.append((chunk[:, :-1], chunk[:, 1:]))
-        return subs
-
-    def state_dict(self):
-        return {"dataset": self.name, "epoch": self.epoch, "shard": self.shard,
-                "shard_name": os.path.basename(self.shards[self.shard].name), "seq": self.seq,
-                "row_len": self._row_len}
-
-    def load_state_dict(self, state):
-        shard = state["shard"]
-        if not 0 <= shard < len(self.shards) or os.path.basename(self.shards[shard].name) != state["shard_name"]:
-            raise DataError(f"cannot resume {self.name}: the saved position is in shard "
-                            f"{state['shard']} ({state['shard_name']}), which this dataset no longer "
-                            f"has at that index ({len(self.shards)} shards now)")
-        self.epoch, self.shard, self.seq = state["epoch"], state["shard"], state["seq"]
-        if state.get("row_len"):  # known already: no need to read a row to learn it
-            self._row_len = state["row_len"]
-            self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
-
-
-def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, cache_dir=None):
-    """A fixed evaluation set as an (N, L) int64 array, L = seq_len + 1 (rows cut into windows
-    like training rows) or L = seq_len (rows of exactly max_seq_len tokens, as paloma-tinsy's
-    2048-token rows: their predictions are row[1:] from row[:-1])."""
-    arrays, rows = [], 0
-    for shard in open_shards(name, split, cache_dir=cache_dir):
-        n = shard.num_rows if max_rows is None else min(shard.num_rows, max_rows - rows)
-        if n > 0:
-            arrays.append(rows_to_array(shard.read(0, n), shard.name, 0, vocab_size))
-            rows += n
-    lengths = {a.shape[1] for a in arrays}
-    if len(lengths) != 1:
-        raise DataError(f"{name}: shards have different row lengths {sorted(lengths)}")
-    ids = np.concatenate(arrays)
-    if ids.shape[1] == seq_len:
-        return ids
-    windows_per_row(ids.shape[1], seq_len, name)
-    return to_windows(ids, seq_len)
-
-
-# ----------------------------------------------------------------------------------------------
 # the embedded demo corpus and bring-your-own text
 
 def load_tokenizer(path=TOKENIZER_PATH):
@@ -619,7 +623,10 @@ def kjv_chapters(text):
     return ["\n".join(d).strip() + "\n" for d in docs]
 
 
-def build_demo_corpus(out_dir=DEMO_DIR, source=os.path.join(DEMO_DIR, "kjv.txt.xz")):
+DEMO_SOURCE = os.path.join(DEMO_DIR, "kjv.txt.xz")
+
+
+def build_demo_corpus(out_dir=DEMO_DIR, source=DEMO_SOURCE):
     """The embedded corpus: the King James Bible (public domain), one document per chapter;
     every 20th chapter is held out for validation."""
     with lzma.open(source, "rt", encoding="utf-8") as f:
@@ -635,8 +642,8 @@ def write_corpus(docs, out_dir, tok, val_every=0, row_len=ROW_LEN, source=None):
     validation.parquet (plus the decoded `text` of each row, and `source` if given).
     Returns (train rows, validation rows)."""
     held = [val_every > 0 and i % val_every == val_every - 1 for i in range(len(docs))]
-    train = pack_documents([d for d, h in zip(docs, held) if not h], row_len)
-    val = pack_documents([d for d, h in zip(docs, held) if h], row_len)
+    train = pack_documents([d for d, h in zip(docs, held, strict=True) if not h], row_len)
+    val = pack_documents([d for d, h in zip(docs, held, strict=True) if h], row_len)
     if len(train) == 0:
         raise DataError(f"{len(docs)} documents hold fewer than {row_len} tokens: nothing to train on")
     os.makedirs(out_dir, exist_ok=True)

@@ -86,15 +86,16 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
             # weight each sub-batch mean by its share of all N rows' tokens: the sum over
             # sub-batches and ranks is the gradient of the mean over all N rows
             share = rows[:, 1:].numel() / n_tokens
-            for g, gw in zip(grads, torch.autograd.grad(loss * share, weights)):
+            for g, gw in zip(grads, torch.autograd.grad(loss * share, weights), strict=True):
                 g += gw.float()
     finally:
         for h in hooks:
             h.remove()
 
     out_dims = [w.shape[0] for w in weights]
+    # (rows here, sum of out)
     local = torch.cat([torch.cat(acts[n]) if acts[n] else torch.zeros(0, d, device=weights[0].device)
-                       for n, d in zip(names, out_dims)], dim=1) if names else None  # (rows here, sum of out)
+                       for n, d in zip(names, out_dims, strict=True)], dim=1) if names else None
     if world_size > 1:
         for g in grads:
             dist.all_reduce(g)
@@ -103,11 +104,11 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
         blocks = [None] * world_size
         dist.all_gather_object(blocks, local.cpu())  # blocks arrive in rank order = row order
         local = torch.cat(blocks)
-    activations = dict(zip(names, local.cpu().split(out_dims, dim=1))) if names else {}
+    activations = dict(zip(names, local.cpu().split(out_dims, dim=1), strict=True)) if names else {}
     result = {
         "activations": {n: a.contiguous() for n, a in activations.items()},
-        "weights": {n: w.detach().float().cpu().clone() for n, w in zip(names, weights)},
-        "gradients": {n: g.cpu() for n, g in zip(names, grads)},
+        "weights": {n: w.detach().float().cpu().clone() for n, w in zip(names, weights, strict=True)},
+        "gradients": {n: g.cpu() for n, g in zip(names, grads, strict=True)},
     }
     if evaluate:
         result["eval"] = totals.tolist()
@@ -158,7 +159,8 @@ def load(run_dir, step, split="val"):
                 if os.path.exists(os.path.join(checkpoint.step_dir(run_dir, s), name))]
         raise FileNotFoundError(f"no {split} learning dynamics at step {step} in {run_dir}; the steps that have "
                                 f"them: {', '.join(map(str, have)) or 'none'}"
-                                + (" (a run's final step has no 'train' split: no next batch)" if split == "train" else ""))
+                                + (" (a run's final step has no 'train' split: no next batch)"
+                                   if split == "train" else ""))
     checkpoint.scan(folder)  # as a resume loads: no pickled code, no compressed members
     return tuple(checkpoint.load_state(os.path.join(folder, f"{split}_{kind}.pt")) for kind in KINDS)
 
@@ -181,7 +183,8 @@ def summaries(weights, gradients, previous_weights=None, split="val"):
     for name, w in weights.items():
         out[f"{name}/weight_norm"] = w.norm().item()
         if previous_weights is not None:
-            out[f"{name}/weight_rel_change"] = ((w - previous_weights[name]).norm() / previous_weights[name].norm()).item()
+            before = previous_weights[name]
+            out[f"{name}/weight_rel_change"] = ((w - before).norm() / before.norm()).item()
         out[f"{name}/grad_norm_{split}"] = gradients[name].norm().item()
     return out
 
@@ -232,7 +235,8 @@ def plot(run_dir):
     train, bad = checkpoint.read_metrics(run_dir)
     train = [r for r in train if "loss" in r]
     if bad:
-        notes.append(f"{bad} line(s) of logs/metrics.jsonl are not rows of numbers (a crash mid-write?) and were passed over")
+        notes.append(f"{bad} line(s) of logs/metrics.jsonl are not rows of numbers (a crash mid-write?) and were "
+                     f"passed over")
     eval_dir = os.path.join(run_dir, "eval_results")
     evals = []
     for step in sorted(int(n[5:-5]) for n in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
@@ -283,7 +287,8 @@ def plot(run_dir):
         depth = max(int(n.split(".")[1]) for n in layers) or 1
         panels = [("weight_norm", "weight norm"), ("weight_rel_change", "change since the last checkpoint"),
                   ("grad_norm", "gradient norm (val -, train --)"), ("cka_to_final", "val activations: CKA to final")]
-        fig, axes = plt.subplots(len(suffixes), len(panels), figsize=(4.2 * len(panels), 3.2 * len(suffixes)), squeeze=False)
+        fig, axes = plt.subplots(len(suffixes), len(panels), figsize=(4.2 * len(panels), 3.2 * len(suffixes)),
+                                 squeeze=False)
         colour = plt.get_cmap("viridis")
         for i, suffix in enumerate(suffixes):
             for j, (what, title) in enumerate(panels):
@@ -294,7 +299,7 @@ def plot(run_dir):
                             ((f"{name}/grad_norm_val", "-"), (f"{name}/grad_norm_train", "--")):
                         points = [(r["step"], r[key]) for r in table if key in r]
                         if points:
-                            ax.plot(*zip(*points), ls, color=c, marker=".",
+                            ax.plot(*zip(*points, strict=True), ls, color=c, marker=".",
                                     label=f"layer {name.split('.')[1]}" if ls == "-" else None)
                 ax.set(title=title if i == 0 else "", xlabel="step", ylabel=suffix if j == 0 else "")
                 scale(ax)

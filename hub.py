@@ -148,7 +148,8 @@ def plan_commits(run_dir, step):
                 dynamics_files.setdefault(split, {})[rel] = os.path.join(root, n)
             elif rel not in MODEL_FILES + TOKENIZER_FILES:
                 state["training_state/" + rel] = os.path.join(root, n)
-    commits.append({"title": f"Saving Fabric Checkpoint -- Step {step}", "files": state, "delete": ["training_state/*"]})
+    commits.append({"title": f"Saving Fabric Checkpoint -- Step {step}", "files": state,
+                    "delete": ["training_state/*"]})
     eval_file = os.path.join(run_dir, "eval_results", f"step_{step}.json")
     if plain(eval_file):
         commits.append({"title": f"Saving Evaluation Results -- Step {step}", "delete": [],
@@ -171,7 +172,8 @@ class Uploader:
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()  # the log says what was uploaded; bars would flood it
         self.api = HfApi()  # token from HF_TOKEN or `huggingface-cli login`; endpoint from HF_ENDPOINT
-        self.run_dir, self.repo_id, self.branch, self.collection, self.log = run_dir, repo_id, branch, collection_slug, log_fn
+        self.run_dir, self.repo_id, self.branch = run_dir, repo_id, branch
+        self.collection, self.log = collection_slug, log_fn
         import checkpoint
         self.steps = lambda: checkpoint.saved_steps(run_dir)  # the sealed checkpoints, in order
         self.earlier = self.steps()  # those of earlier sessions
@@ -193,9 +195,10 @@ class Uploader:
             return retry(fn, what, lambda m: said or said.append(self.log(f"hub: {m} (and on, in the background)")))
         except Exception as e:  # noqa: BLE001 - not worth retrying: one line on why
             status = _status(e)
-            raise PermanentError(f"{what}: the Hub refused ({status}): {error_line(e)}. Check HF_TOKEN (or `huggingface-cli "
-                                 f"login`) and write access to {self.repo_id}." if status else
-                                 f"{what}: " + "; ".join(f"{type(x).__name__}: {error_line(x)}" for x in _chain(e))) from None
+            raise PermanentError(f"{what}: the Hub refused ({status}): {error_line(e)}. Check HF_TOKEN (or "
+                                 f"`huggingface-cli login`) and write access to {self.repo_id}." if status else
+                                 f"{what}: " + "; ".join(f"{type(x).__name__}: {error_line(x)}"
+                                                         for x in _chain(e))) from None
 
     def _work(self):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -209,7 +212,8 @@ class Uploader:
                                                                exists_ok=True), f"adding {repo} to {self.collection}")
                 except PermanentError as e:
                     self.log(f"hub: not added to the collection: {e}")
-            self.on_hub = {c.title for c in self._call(lambda: api.list_repo_commits(repo, revision=branch), "listing commits")}
+            self.on_hub = {c.title for c in self._call(lambda: api.list_repo_commits(repo, revision=branch),
+                                                       "listing commits")}
             remote = set(self._call(lambda: api.list_repo_files(repo, revision=branch), "listing files"))  # kept below
             self.left = self.todo()
             if earlier := sum(c["step"] in self.earlier for c in self.left):
@@ -220,10 +224,12 @@ class Uploader:
                 if not self.left:
                     self.wake.wait()
                 for c in self.left:  # add its files, delete the ones it replaces
-                    stale = sorted(p for p in remote if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"]))
+                    stale = sorted(p for p in remote
+                                   if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"]))
                     ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + \
                         [CommitOperationDelete(p) for p in stale]
-                    self._call(lambda: api.create_commit(repo, ops, commit_message=c["title"], revision=branch), c["title"])
+                    self._call(lambda ops=ops, title=c["title"]: api.create_commit(repo, ops, commit_message=title,
+                                                                                   revision=branch), c["title"])
                     remote = (remote - set(stale)) | set(c["files"])
                     self.on_hub.add(c["title"])
                     self.left = self.left[1:]
@@ -344,8 +350,8 @@ def restore(repo_id, branch, step, run_dir, unchecked=False):
                 checkpoint.verify(target, fix=fix, skip=("learning_dynamics/",))  # not restored: not needed to resume
             elif not unchecked:
                 raise checkpoint.CheckpointError(
-                    f"step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an older pico-train), "
-                    f"so its files cannot be checked for damage; restore it anyway with --unchecked")
+                    f"step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an older "
+                    f"pico-train), so its files cannot be checked for damage; restore it anyway with --unchecked")
             else:
                 print(f"warning: step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST}: restored unchecked "
                       f"(--unchecked); the manifest written now records the files as they came")

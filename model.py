@@ -10,6 +10,15 @@ the learning-dynamics config (`layer_suffixes`) refers to them. The file also sa
 Hugging Face checkpoints: our own (a plain Llama model that transformers loads without remote code)
 and pico-train's published ones.
 
+The export contract: a training checkpoint IS the Llama export. save_pretrained() writes this
+model's weights under transformers' LlamaForCausalLM names (_HF_NAMES, at the end of the file) and
+every checkpoint, resume and Hub upload goes through it. So a change to the blocks is a change to
+the export: a new weight (a LayerNorm's bias, a learned position table) has no Llama name, and
+train.py refuses it at start-up naming export_names(); a change that keeps the names but not the
+maths (LayerNorm for RMSNorm, another activation) would export a model that Llama computes
+differently. tests/test_model.py::test_logits_match_transformers_llama guards the contract: run it
+after any change here, and give a new architecture its own export (and loader) before training it.
+
 Initialisation: PyTorch's module defaults, exactly as pico-train trains its published models
 (nn.Embedding ~ N(0, 1), nn.Linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), norm weights 1).
 We add no custom init on purpose, so runs are comparable with the pico-decoder suite.
@@ -193,6 +202,113 @@ class Block(nn.Module):
         return x + self.swiglu(self.swiglu_norm(x))
 
 
+class PicoDecoder(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # non-persistent: rebuilt from the config, never saved, owned by this model (not shared)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.position_emb_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean", head_grad=True):
+        """input_ids (B, T) -> (logits (B, T, vocab), None) without targets;
+        (None, mean cross-entropy) with targets (B, T), (None, per-token losses (B, T)) with
+        reduction="none", or (None, (mean, per-token losses)) with reduction="both" (the mean carries
+        the gradient, as with "mean"): with targets the full logits are never materialised
+        (LinearCrossEntropy, the same numbers as F.cross_entropy, computed in chunks).
+        head_grad=False: no gradient for the output head's weight (a capture that does not need it
+        skips a third of the head's work; the other gradients are the same to the bit).
+        With a KVCache, input_ids are the tokens after those already cached."""
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len "
+                             f"({self.config.max_seq_len})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+        x = self.embedding_proj(input_ids)  # (B, T, d_model)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache)
+        x = self.output_norm(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None:
+            return self.de_embedding_proj(x), None  # (B, T, vocab)
+
+        h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
+        w = w if head_grad else w.detach()
+        chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
+        if reduction == "none":
+            if not torch.is_grad_enabled():  # evaluation: the same chunked loop, no gradients
+                return None, head_losses(h, w, t, chunk)[1].view(B, T)
+            losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
+                      for i in range(0, B * T, chunk)]
+            return None, torch.cat(losses).view(B, T)
+        # the same as F.cross_entropy(h @ w.t(), t), chunked: the (B*T, vocab) logits never exist at once
+        loss, token_losses = LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
+        return None, (loss, token_losses.view(B, T)) if reduction == "both" else loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
+        """Sample max_new_tokens after input_ids (B, T) using a KV cache; temperature 0 is greedy.
+        Stops early once every row has produced eos_token_id (when given)."""
+        B, T = input_ids.shape
+        if T < 1:
+            raise ValueError("generate() needs a prompt of at least one token")
+        total = T + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len ({self.config.max_seq_len})")
+        p = self.embedding_proj.weight
+        cache = KVCache(self.config, B, total, device=p.device, dtype=p.dtype)
+        out, step_input = input_ids, input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input, kv_cache=cache)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            out = torch.cat([out, next_token], dim=1)
+            step_input = next_token  # (B, 1): only the new token goes through the model
+            if eos_token_id is not None:
+                done |= next_token.squeeze(1) == eos_token_id
+                if bool(done.all()):
+                    break
+        return out
+
+    def num_params(self, matmul_only=False):
+        """All parameters, or only those in matrix multiplies (embedding lookup and norms excluded,
+        output head included): the N of the 6N FLOPs-per-token rule."""
+        if not matmul_only:
+            return sum(p.numel() for p in self.parameters())
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 * L * H * hd * T
+        for attention scores and values (DESIGN.md section 3)."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
+
+
+# dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
+# NVL cards run slower clocks than the SXM ones that carry the bare name
+GPU_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                       "A100": 312e12}
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (h @ weight.T) against targets, computed `chunk` tokens at a time.
 
@@ -263,112 +379,6 @@ def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False)
     return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w
 
 
-class PicoDecoder(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        # non-persistent: rebuilt from the config, never saved, owned by this model (not shared)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.position_emb_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean", head_grad=True):
-        """input_ids (B, T) -> (logits (B, T, vocab), None) without targets;
-        (None, mean cross-entropy) with targets (B, T), (None, per-token losses (B, T)) with
-        reduction="none", or (None, (mean, per-token losses)) with reduction="both" (the mean carries
-        the gradient, as with "mean"): with targets the full logits are never materialised
-        (LinearCrossEntropy, the same numbers as F.cross_entropy, computed in chunks).
-        head_grad=False: no gradient for the output head's weight (a capture that does not need it
-        skips a third of the head's work; the other gradients are the same to the bit).
-        With a KVCache, input_ids are the tokens after those already cached."""
-        B, T = input_ids.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len "
-                             f"({self.config.max_seq_len})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-
-        x = self.embedding_proj(input_ids)  # (B, T, d_model)
-        for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache)
-        x = self.output_norm(x)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        if targets is None:
-            return self.de_embedding_proj(x), None  # (B, T, vocab)
-
-        h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
-        w = w if head_grad else w.detach()
-        chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
-        if reduction == "none":
-            if not torch.is_grad_enabled():  # evaluation: the same chunked loop, no gradients
-                return None, head_losses(h, w, t, chunk)[1].view(B, T)
-            losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
-                      for i in range(0, B * T, chunk)]
-            return None, torch.cat(losses).view(B, T)
-        loss, token_losses = LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
-        return None, (loss, token_losses.view(B, T)) if reduction == "both" else loss
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
-        """Sample max_new_tokens after input_ids (B, T) using a KV cache; temperature 0 is greedy.
-        Stops early once every row has produced eos_token_id (when given)."""
-        B, T = input_ids.shape
-        if T < 1:
-            raise ValueError("generate() needs a prompt of at least one token")
-        total = T + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len ({self.config.max_seq_len})")
-        p = self.embedding_proj.weight
-        cache = KVCache(self.config, B, total, device=p.device, dtype=p.dtype)
-        out, step_input = input_ids, input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits, _ = self(step_input, kv_cache=cache)
-            logits = logits[:, -1, :].float()  # (B, vocab)
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            out = torch.cat([out, next_token], dim=1)
-            step_input = next_token  # (B, 1): only the new token goes through the model
-            if eos_token_id is not None:
-                done |= next_token.squeeze(1) == eos_token_id
-                if bool(done.all()):
-                    break
-        return out
-
-    def num_params(self, matmul_only=False):
-        """All parameters, or only those in matrix multiplies (embedding lookup and norms excluded,
-        output head included): the N of the 6N FLOPs-per-token rule."""
-        if not matmul_only:
-            return sum(p.numel() for p in self.parameters())
-        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-
-    def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 * L * H * hd * T
-        for attention scores and values (DESIGN.md section 3)."""
-        c = self.config
-        T = seq_len or c.max_seq_len
-        return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
-
-
-# dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
-# NVL cards run slower clocks than the SXM ones that carry the bare name
-GPU_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                       "A100": 312e12}
-
-
 def gpu_peak_flops(device_name):
     """The dense bf16 peak of a GPU by its name (for MFU), or None where it is not known: never guessed.
     The most specific name matches ("NVIDIA H100 PCIe" is an H100 PCIe, not an H100 SXM)."""
@@ -406,6 +416,20 @@ def _name_map(n_layers):
     return pairs
 
 
+def export_names(model):
+    """{our weight name: its Llama name} for every weight of `model`; a weight the Llama export has
+    no name for (the model was changed: see the export contract at the top of this file) is a
+    ValueError that names it."""
+    names = _name_map(model.config.n_layers)
+    unknown = [k for k in model.state_dict() if k not in names]
+    if unknown:
+        raise ValueError(f"the model has weights that the Llama export (model._HF_NAMES) does not name: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. A change to the blocks is "
+                         f"a change to the export: give them Llama names there (if transformers' Llama has them) "
+                         f"and check with tests/test_model.py::test_logits_match_transformers_llama")
+    return names
+
+
 def llama_config_dict(config, dtype=torch.float32):
     """config.json of the equivalent transformers LlamaForCausalLM."""
     return {
@@ -429,9 +453,9 @@ def save_pretrained(model, path, dtype=None):
     transformers loads with AutoModelForCausalLM.from_pretrained(path), no remote code."""
     from safetensors.torch import save_file  # the standard weights format, torch-only otherwise
 
+    names = export_names(model)  # before anything is written
     os.makedirs(path, exist_ok=True)
     dtype = dtype or model.embedding_proj.weight.dtype
-    names = _name_map(model.config.n_layers)
     state = {names[k]: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:

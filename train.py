@@ -27,7 +27,7 @@ import checkpoint
 import configurator
 import data
 import dynamics
-from model import ModelConfig, PicoDecoder, gpu_peak_flops, load_pretrained, save_pretrained
+from model import ModelConfig, PicoDecoder, export_names, gpu_peak_flops, load_pretrained, save_pretrained
 
 # -----------------------------------------------------------------------------
 # settings (pico-train's names and defaults; a config file or --key=value overrides them). Each
@@ -55,14 +55,16 @@ dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
 batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
 data_cache_dir = None  # a Hub dataset's files are downloaded here, once per node (None: the Hugging Face cache)
-data_cache_gb = 20.0  # files there that the run has passed are removed while its files take more than this (None: never)
+# files there that the run has passed are removed while its files take more than this (None: never)
+data_cache_gb = 20.0
 # evaluation: held-out loss and paloma at each checkpoint
 eval_dataset_name = "pico-lm/pretokenized-paloma-tinsy"  # None: the training data's held-out split
 eval_dataset_split = "val"  # (with eval_dataset_name None: 'validation' or 'val', whichever the data has)
 eval_every_n_steps = None  # None: whenever a checkpoint is saved; 0: never (but at the end)
 eval_batch_size = 16
 eval_max_rows = None  # None: the whole evaluation set
-eval_from_dynamics = True  # where the learning dynamics' val rows are these rows: one forward pass for both (False: two)
+# where the learning dynamics' val rows are these rows: one forward pass for both (False: two)
+eval_from_dynamics = True
 sample_prompt = ""  # if set, rank 0 prints a sample continuation at the end of the run
 # model: the pico-decoder (model.ModelConfig)
 d_model = 768
@@ -89,7 +91,8 @@ grad_clip = 1.0  # 0 disables clipping
 # checkpointing: learning dynamics saved with each checkpoint (dynamics.py)
 layer_suffixes = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 sequence_idx = -1
-learning_dynamics_batch_size = 8  # rows per capture batch over all ranks (pico-train's meaning); each rank takes its share
+# rows per capture batch over all ranks (pico-train's meaning); each rank takes its share
+learning_dynamics_batch_size = 8
 learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"  # None: the evaluation data
 # training: the system
 device = "auto"  # auto: cuda if available, else cpu; "cuda" means each rank's own GPU (cuda:<local rank>)
@@ -102,8 +105,10 @@ dist_timeout_min = 60  # how long a rank waits at a collective (e.g. for another
 config_keys, ignored_from_yaml = configurator.configure(sys.argv[1:], globals())
 # settings that cannot work are refused now, one line each, before anything is created or loaded
 for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
-                          ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""), ("learning_dynamics_batch_size", 1, ""),
-                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""), ("save_log_spaced_until", 0, ""),
+                          ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""),
+                          ("learning_dynamics_batch_size", 1, ""),
+                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""),
+                          ("save_log_spaced_until", 0, ""),
                           ("max_steps", 0, " (the run's length in optimizer steps)"),
                           ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
                           ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, ""),
@@ -114,8 +119,8 @@ for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps",
         raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
 for name, value in (("adam_beta1", adam_beta1), ("adam_beta2", adam_beta2), ("min_lr_ratio", min_lr_ratio)):
     if not 0 <= value <= 1 or (name != "min_lr_ratio" and value == 1):
-        raise SystemExit(f"config error: {name} must be at least 0 and {'at most' if name == 'min_lr_ratio' else 'below'} "
-                         f"1, got {value!r}")
+        bound = "at most" if name == "min_lr_ratio" else "below"
+        raise SystemExit(f"config error: {name} must be at least 0 and {bound} 1, got {value!r}")
 if not adam_eps > 0:
     raise SystemExit(f"config error: adam_eps must be above 0 (it keeps AdamW's division finite), got {adam_eps!r}")
 if stop_at_step is not None and stop_at_step > max_steps:
@@ -139,8 +144,8 @@ configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
-distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+rank, local_rank, world_size = (int(os.environ.get(k, 1 if k == "WORLD_SIZE" else 0))
+                                 for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 master = rank == 0
 # batch arithmetic: batch_size sequences per step = gradient_accumulation_steps x world_size x sub_batch
 try:
@@ -177,16 +182,17 @@ if use_deepspeed:
     # layer's full weights, activations and gradients on hand at each checkpoint.
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(k, v)  # plain `python train.py` with DeepSpeed: a world of one
     import deepspeed
     if device_type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else it compiles an op for ~minutes
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
-elif distributed:
+elif world_size > 1:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout,
                             device_id=torch.device(device) if device_type == "cuda" else None)
-is_dist = dist.is_available() and dist.is_initialized()
+is_dist = dist.is_available() and dist.is_initialized()  # the one flag: is there a process group to talk to
 
 
 def barrier():
@@ -230,8 +236,9 @@ def log(msg, console=True):
             log_lines.clear()
 
 
-log(f"{world_size} process(es), {device}, {precision}{precision_note}, backend {backend}{'' if is_dist else ' (a world of one)'}; "
-    f"step = {batch_size} sequences x {max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
+log(f"{world_size} process(es), {device}, {precision}{precision_note}, "
+    f"backend {backend}{'' if is_dist else ' (a world of one)'}; step = {batch_size} sequences x "
+    f"{max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
 
 # -----------------------------------------------------------------------------
@@ -248,6 +255,7 @@ model = PicoDecoder(model_config).to(device)
 raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
 try:
     dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
+    export_names(model)  # every checkpoint is the Llama export (model.py's contract): a weight it cannot name stops now
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 # weight decay on the 2-D weights (matrices, embedding) only: decaying the norms' gains pulls them to 0
@@ -277,8 +285,9 @@ try:
     learning_dynamics_eval_data = learning_dynamics_eval_data or eval_dataset_name
     dynamics_val_seqs = None  # the fixed `val` rows of the learning dynamics
     if layer_suffixes:
-        dynamics_val_seqs = (eval_seqs if learning_dynamics_eval_data == eval_dataset_name else data.load_eval_sequences(
-            learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split, cache_dir=data_cache_dir))
+        dynamics_val_seqs = eval_seqs if learning_dynamics_eval_data == eval_dataset_name else (
+            data.load_eval_sequences(learning_dynamics_eval_data, max_seq_len, vocab_size, eval_dataset_split,
+                                     cache_dir=data_cache_dir))
     tokenizer = data.load_tokenizer(tokenizer_path or data.TOKENIZER_PATH)
 except data.DataError as e:
     raise SystemExit(f"data error: {e}") from None
@@ -311,7 +320,8 @@ if refused[0]:
     raise SystemExit(f"cannot start: {refused[0]}")
 if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
     # auto_resume=False starts over, but never over a run: the old one is kept under a new name
-    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6) if not os.path.exists(f"{run_dir}.set-aside-{n}"))
+    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
+                     if not os.path.exists(f"{run_dir}.set-aside-{n}"))
     os.rename(run_dir, set_aside)
 made_run_dir = master and not os.path.isdir(run_dir)
 if master:
@@ -335,8 +345,9 @@ if is_dist:
         if unseen and made_run_dir:
             os.rmdir(run_dir)
     if unseen:
-        raise SystemExit(f"config error: {unseen} of {world_size} ranks cannot see the run folder {os.path.abspath(run_dir)} "
-                         f"that rank 0 made: runs_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
+        raise SystemExit(f"config error: {unseen} of {world_size} ranks cannot see the run folder "
+                         f"{os.path.abspath(run_dir)} that rank 0 made: runs_dir must be on a filesystem that "
+                         f"every node shares (NFS, Lustre, ...)")
 if master:
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
@@ -372,9 +383,15 @@ if save_to_wandb and master:
 MUST_MATCH = {k for k, section in configurator.sections(__file__).items() if section == "model"} | {
     "dataset_name", "dataset_split"}
 run_state = {**config, "backend": backend, "world_size": world_size}
-start_step, resume_from, resumed_state = 0, None, None
-if auto_resume:
-    verdict = [None, None]  # rank 0 checks the checkpoint once for all: (its folder, or why it cannot be loaded)
+
+
+def resume():
+    """Everything a resume does, in order: find and check the checkpoint (rank 0, once for all
+    ranks), read it without running any code, refuse settings that cannot go on with it, then put
+    back the weights, the optimizer state (DeepSpeed's below, once it has made its shards), the
+    data position and the metrics log. save_checkpoint()'s write_checkpoint() says what is read.
+    Returns (the checkpoint folder, its training state), or (None, None) for a new run."""
+    verdict = [None, None]  # (the checkpoint folder, or why it cannot be loaded)
     if master:
         for stale in checkpoint.clean_partial(run_dir):
             log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
@@ -386,58 +403,62 @@ if auto_resume:
             verdict[1] = str(e)
     if is_dist:
         dist.broadcast_object_list(verdict)
-    resume_from, error = verdict
+    folder, error = verdict
+    if not folder and not error:
+        return None, None
     try:
         if error:
             raise checkpoint.CheckpointError(error)
-        if resume_from:  # read without running any code, on every rank; under ZeRO-2 each reads only its shards
-            state_file = os.path.join(resume_from, "training_state.pt")
-            resumed_state = checkpoint.load_state(state_file, mmap=True)
-            checkpoint.check_training_state(resumed_state, state_file, int(os.path.basename(resume_from)[5:]))
-            checkpoint.check_optimizer_state(resumed_state["optimizer"], len(decay + no_decay), state_file)
-            try:
-                weights = load_pretrained(resume_from).state_dict()
-            except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
-                raise checkpoint.CheckpointError(f"{resume_from}/model.safetensors (or config.json) cannot be read "
-                                                 f"({type(e).__name__}: {str(e)[:200]}); point checkpoints/latest at "
-                                                 f"another step_<N>") from None
-            if not all(torch.isfinite(w).all() for w in weights.values()):
-                raise checkpoint.CheckpointError(f"{resume_from}/model.safetensors holds NaN or inf weights, so it is "
-                                                 f"not resumed; point checkpoints/latest at an earlier step_<N>")
+        # read without running any code, on every rank; under ZeRO-2 each reads only its shards
+        state_file = os.path.join(folder, "training_state.pt")
+        state = checkpoint.load_state(state_file, mmap=True)
+        checkpoint.check_training_state(state, state_file, int(os.path.basename(folder)[5:]))
+        checkpoint.check_optimizer_state(state["optimizer"], len(decay + no_decay), state_file)
+        try:
+            weights = load_pretrained(folder).state_dict()
+        except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
+            raise checkpoint.CheckpointError(f"{folder}/model.safetensors (or config.json) cannot be read "
+                                             f"({type(e).__name__}: {str(e)[:200]}); point checkpoints/latest "
+                                             f"at another step_<N>") from None
+        if not all(torch.isfinite(w).all() for w in weights.values()):
+            raise checkpoint.CheckpointError(f"{folder}/model.safetensors holds NaN or inf weights, so it is "
+                                             f"not resumed; point checkpoints/latest at an earlier step_<N>")
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
-if resume_from:
-    bad, harmless = checkpoint.compare_configs(resumed_state["config"], run_state, MUST_MATCH)
+    bad, harmless = checkpoint.compare_configs(state["config"], run_state, MUST_MATCH)
     if bad:
-        raise SystemExit(f"cannot resume {resume_from}: these settings differ from the saved run: " +
-                         ", ".join(f"{k} (saved {resumed_state['config'].get(k)!r}, now {run_state.get(k)!r})" for k in bad) +
-                         f". Use another run_name, or auto_resume=False to start over in {run_dir}.")
+        raise SystemExit(f"cannot resume {folder}: these settings differ from the saved run: " + ", ".join(
+            f"{k} (saved {state['config'].get(k)!r}, now {run_state.get(k)!r})" for k in bad)
+            + f". Use another run_name, or auto_resume=False to start over in {run_dir}.")
     if harmless:
         log("resuming with changed settings: " + ", ".join(
-            f"{k}: {resumed_state['config'].get(k)!r} -> {run_state.get(k)!r}" for k in harmless))
-    if resumed_state["step"] > max_steps:
-        raise SystemExit(f"cannot resume {resume_from}: it is at step {resumed_state['step']}, past max_steps "
-                         f"{max_steps}; set max_steps to at least {resumed_state['step']} to go on training this run")
+            f"{k}: {state['config'].get(k)!r} -> {run_state.get(k)!r}" for k in harmless))
+    if state["step"] > max_steps:
+        raise SystemExit(f"cannot resume {folder}: it is at step {state['step']}, past max_steps "
+                         f"{max_steps}; set max_steps to at least {state['step']} to go on training this run")
     with torch.no_grad():
-        for p, q in zip(raw_model.state_dict().values(), weights.values()):
+        for p, q in zip(raw_model.state_dict().values(), weights.values(), strict=True):
             p.copy_(q)
-    del weights
     if not use_deepspeed:  # DeepSpeed's is loaded once it has made its shards, below
-        checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay))
+        checkpoint.load_optimizer_state(optimizer, state["optimizer"], (decay, no_decay))
     try:
-        train_data.load_state_dict(resumed_state["data"])
+        train_data.load_state_dict(state["data"])
     except data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
-    start_step = resumed_state["step"]
-    log(f"resumed from {resume_from} at step {start_step}")
+    log(f"resumed from {folder} at step {state['step']}")
     metric_rows, unreadable = checkpoint.read_metrics(run_dir) if master else ([], 0)  # rank 0's file
     if metric_rows or unreadable:  # drop rows of steps after the checkpoint (they are redone)
         metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
         with open(metrics_path + ".tmp", "w") as f:  # then renamed over it: a crash leaves one or the other
-            f.writelines(json.dumps(row) + "\n" for row in metric_rows if row["step"] <= start_step)
+            f.writelines(json.dumps(row) + "\n" for row in metric_rows if row["step"] <= state["step"])
         os.replace(metrics_path + ".tmp", metrics_path)
         if unreadable:
             log(f"{unreadable} line(s) of {metrics_path} were not rows (a crash mid-write?) and were dropped")
+    return folder, state
+
+
+resume_from, resumed_state = resume() if auto_resume else (None, None)
+start_step = resumed_state["step"] if resumed_state else 0
 if master:  # the settings of this run, written once it is known that they can go on with what is here
     nested = configurator.nested(config, __file__)
     nested["training"]["world_size"] = world_size
@@ -506,7 +527,7 @@ def eval_path(step):
 def report_eval(step, results):
     """Log and save an evaluation; one whose numbers overflow stops the run before it is saved."""
     if not all(math.isfinite(results[k]) for k in ("loss", "perplexity", "paloma")):
-        stop(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
+        fail(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
              f"{results['paloma']:.4g}: the model has diverged, so this step is not saved")
     log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
         f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
@@ -517,7 +538,7 @@ def report_eval(step, results):
     log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
 
 
-def stop(reason, fix="lower lr (or check the data)"):
+def fail(reason, fix="lower lr (or check the data)"):
     """End a run that cannot go on, naming the checkpoint it can be resumed from."""
     link = os.path.join(checkpoint.checkpoints_dir(run_dir), "latest")
     last = os.path.realpath(link) if os.path.lexists(link) else None
@@ -530,48 +551,78 @@ def stop(reason, fix="lower lr (or check the data)"):
 wandb_previous_weights = {}  # the captured layers' weights at the last checkpoint, for their relative change
 
 
+def capture_dynamics(step, fused):
+    """The learning dynamics of the chosen layers on the fixed `val` rows and on the rows the next
+    optimizer step trains on, every rank taking a share of the rows; fused: the evaluation is
+    reported from the `val` capture's own forward pass. Returns {split: (rows, capture)}."""
+    captured, t0 = {}, time.time()
+    per_rank = -(-learning_dynamics_batch_size // world_size)  # the setting counts rows over all ranks
+    args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=per_rank,
+                rank=rank, world_size=world_size, device=device, autocast=autocast)
+    captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args, evaluate=fused))
+    if fused:
+        report_eval(step, eval_results(captured["val"][1]["eval"]))
+    if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
+        try:
+            rows = train_data.peek_global_batch()
+            captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
+        except data.DataError:  # this checkpoint stays good; the next step stops, naming the row
+            log(f"step {step}: no train learning dynamics: the batch of step {step + 1} is bad")
+    log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
+        + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t0:.1f}s"
+        + (" (with the evaluation)" if fused else ""))
+    if wandb_run is not None:  # per-layer numbers, as `python dynamics.py plot` draws them
+        val, summary = captured["val"][1], {}
+        if "train" in captured:
+            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")),
+                                              split="train"))
+        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
+        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
+        wandb_previous_weights["val"] = val["weights"]
+    return captured
+
+
+def write_checkpoint(folder, step, captured, optimizer_state, rng):
+    """What a checkpoint holds, all of it; rank 0 writes it into a temporary folder that
+    checkpoint.commit() renames to checkpoints/step_<step> (resume() reads it back):
+      model.safetensors, config.json,   the weights as a plain Llama model (model.save_pretrained):
+      generation_config.json            the training checkpoint IS the Hugging Face export
+      tokenizer.json, tokenizer_config.json
+      training_state.pt                 step, AdamW's state_dict, the data position, every rank's RNG
+                                        state and the run's settings (tensors and plain types only)
+      learning_dynamics/                activations, weights and gradients of the chosen layers per
+                                        split, and the train rows they were taken on (dynamics.save)
+      manifest.json                     every file's size and sha256, checked before a load"""
+    for split, (rows, result) in captured.items():
+        dynamics.save(result, os.path.join(folder, "learning_dynamics"), split)
+        if split == "train":
+            dynamics.save_rows(rows, os.path.join(folder, "learning_dynamics", "train_data"), tokenizer)
+    save_pretrained(raw_model, folder)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
+    torch.save({"step": step, "optimizer": optimizer_state, "data": train_data.state_dict(), "rng": rng,
+                "config": run_state}, os.path.join(folder, "training_state.pt"))
+    checkpoint.write_manifest(folder, step)
+
+
 def save_checkpoint(step, evaluating=False):
-    """Model (Hugging Face format), tokenizer, training state and learning dynamics into step_<step>,
-    atomically; evaluating: the evaluation too, from the dynamics' forward pass where they share rows."""
+    """Learning dynamics, then the checkpoint (write_checkpoint), atomically; evaluating: the
+    evaluation too, from the dynamics' forward pass where they share rows. Collective: every rank."""
     t0 = time.time()
     if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
-        stop(f"step {step}: the weights hold NaN or inf, so they are not saved")
+        fail(f"step {step}: the weights hold NaN or inf, so they are not saved")
     # the learning dynamics' val rows are the evaluation rows by default (the demo's and pico-train's
     # settings): their capture's forward pass then gives the evaluation's numbers, one pass for both
     fused = evaluating and eval_from_dynamics and bool(layer_suffixes) and dynamics_val_seqs is eval_seqs
     if evaluating and not fused:
         report_eval(step, evaluate())
-    captured = {}
-    if layer_suffixes:  # every rank takes a share of the rows
-        t1 = time.time()
-        per_rank = -(-learning_dynamics_batch_size // world_size)  # the setting counts rows over all ranks
-        args = dict(layer_suffixes=layer_suffixes, sequence_idx=sequence_idx, batch_size=per_rank,
-                    rank=rank, world_size=world_size, device=device, autocast=autocast)
-        captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args, evaluate=fused))
-        if fused:
-            report_eval(step, eval_results(captured["val"][1]["eval"]))
-        if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
-            try:
-                rows = train_data.peek_global_batch()
-                captured["train"] = (rows, dynamics.capture(raw_model, rows, **args))
-            except data.DataError:  # this checkpoint stays good; the next step stops, naming the row
-                log(f"step {step}: no train learning dynamics: the batch of step {step + 1} is bad")
-        log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
-            + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t1:.1f}s"
-            + (" (with the evaluation)" if fused else ""))
-    if wandb_run is not None and captured:  # per-layer numbers, as `python dynamics.py plot` draws them
-        val, summary = captured["val"][1], {}
-        if "train" in captured:
-            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")), split="train"))
-        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
-        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
-        wandb_previous_weights["val"] = val["weights"]
-    tmp = [checkpoint.begin(run_dir, step) if master else None]
-    if is_dist:
-        dist.broadcast_object_list(tmp)
-    tmp = tmp[0]
+    captured = capture_dynamics(step, fused) if layer_suffixes else {}
+    folder = [checkpoint.begin(run_dir, step) if master else None]
     rng = [None] * world_size
     if is_dist:
+        dist.broadcast_object_list(folder)
         dist.all_gather_object(rng, checkpoint.rng_state())
     else:
         rng = [checkpoint.rng_state()]
@@ -580,35 +631,25 @@ def save_checkpoint(step, evaluating=False):
     failed = [None]  # rank 0 writes; a full disk (or any failed write) stops every rank with one line
     if master:
         try:
-            for split, (rows, result) in captured.items():
-                dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
-                if split == "train":
-                    dynamics.save_rows(rows, os.path.join(tmp, "learning_dynamics", "train_data"), tokenizer)
-            save_pretrained(raw_model, tmp)
-            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                           "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
-            torch.save({"step": step, "optimizer": optimizer_state,
-                        "data": train_data.state_dict(), "rng": rng, "config": run_state},
-                       os.path.join(tmp, "training_state.pt"))
-            checkpoint.write_manifest(tmp, step)  # every file's size and sha256, checked before it is loaded
-            checkpoint.commit(run_dir, step, tmp)
+            write_checkpoint(folder[0], step, captured, optimizer_state, rng)
+            checkpoint.commit(run_dir, step, folder[0])
         except (OSError, RuntimeError, SafetensorError) as e:  # (torch.save and safetensors wrap OSErrors)
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder[0], ignore_errors=True)
             free = shutil.disk_usage(run_dir).free / 2**30
-            failed[0] = f"step {step}: the checkpoint could not be written ({str(e).splitlines()[0][:200]}; {free:.1f} GiB free)"
+            failed[0] = (f"step {step}: the checkpoint could not be written ({str(e).splitlines()[0][:200]}; "
+                         f"{free:.1f} GiB free)")
         if uploader and not failed[0]:  # a sealed checkpoint is queued by being there: the uploader looks again
             uploader.nudge()
     if is_dist:
         dist.broadcast_object_list(failed)
     if failed[0]:
-        stop(failed[0], fix=f"free space on the disk of {run_dir} (or make it writable)")
+        fail(failed[0], fix=f"free space on the disk of {run_dir} (or make it writable)")
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# the training loop: its parts first, each small and named, then the loop, which reads
+# "checkpoint if due; micro-steps: forward, backward; one check; the optimizer step"
 def get_lr(step):
     """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
     Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
@@ -627,6 +668,12 @@ def is_save_step(step):
     return step % save_every_n_steps == 0 or (step <= save_log_spaced_until and step & (step - 1) == 0)
 
 
+def is_eval_step(step):
+    if eval_every_n_steps is None:
+        return is_save_step(step)
+    return bool(eval_every_n_steps) and step % eval_every_n_steps == 0
+
+
 def pauses_after(step):
     """How many evaluations and checkpoints come after `step` (the last step's included)."""
     def multiples(n):  # of n in (step, max_steps]
@@ -637,17 +684,76 @@ def pauses_after(step):
     return count + sum(step < s <= max_steps and all(s % n for n in every) for s in others)
 
 
-def is_eval_step(step):
-    return is_save_step(step) if eval_every_n_steps is None else bool(eval_every_n_steps) and step % eval_every_n_steps == 0
+def checkpoint_if_due(step, stopping):
+    """A checkpoint at a save step, at the end and at a stop, with the evaluation where one is due
+    (always at the end); an evaluation alone at an eval step. Returns whether it paused training."""
+    evaluating = step >= max_steps or is_eval_step(step)
+    if stopping or is_save_step(step):
+        save_checkpoint(step, evaluating)  # evaluating there too, in the capture's pass where they share rows
+    elif evaluating:
+        report_eval(step, evaluate())
+    return evaluating or is_save_step(step)
+
+
+def next_batch(step):
+    """This rank's micro-batches [(x, y), ...] for the optimizer step after `step`."""
+    try:
+        return train_data.next_batch()
+    except data.DataError as e:
+        raise SystemExit(f"data error in the batch of step {step + 1}: {e}") from None
+
+
+def reduce_gradients_now(last_micro_step):
+    """Gradients are summed across ranks at the last micro-step's backward only (told before the
+    forward); the micro-steps before it accumulate locally."""
+    if use_deepspeed:
+        model.set_gradient_accumulation_boundary(last_micro_step)
+    elif is_dist:
+        model.require_backward_grad_sync = last_micro_step
+
+
+def backward(loss):
+    """Each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps (and the
+    mean over ranks in the reduction) makes the gradient the mean over the whole global batch."""
+    if use_deepspeed:
+        model.backward(loss)  # DeepSpeed's engine divides by gradient_accumulation_steps itself
+    else:
+        (loss / gradient_accumulation_steps).backward()
+
+
+def check_step(step, loss_sum):
+    """The one host sync of an optimizer step, before it is applied: the global mean loss, the
+    gradient norm (clipped here; DeepSpeed clips inside its step) and whether any rank has been
+    signalled to stop. A loss or norm that is not finite fails the run, so a diverged step never
+    reaches the weights or a checkpoint. Returns (loss, norm, stop)."""
+    grad_norm = torch.zeros((), device=device)
+    if not use_deepspeed:
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    mean = all_ranks_sum(torch.stack([loss_sum / gradient_accumulation_steps,
+                                      torch.tensor(float(bool(signalled)), device=device)])) / world_size
+    step_loss, signal_share, norm = torch.cat([mean, grad_norm.float().view(1)]).tolist()
+    if not (math.isfinite(step_loss) and math.isfinite(norm)):
+        fail(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
+    return step_loss, norm, signal_share > 0
+
+
+def deepspeed_step(step, step_loss):
+    """ZeRO-2's optimizer step: it finishes the gradient shards, clips, steps (and zeroes the
+    gradients); it would skip a non-finite gradient, which fails the run. Returns the norm."""
+    skipped = model.skipped_steps
+    model.step()
+    if model.skipped_steps > skipped:
+        fail(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")
+    return float(model.get_global_grad_norm() or 0.0)
 
 
 signalled = []  # (name, time) of a SIGINT (Ctrl-C) or SIGTERM (a cluster scheduler's warning)
 
 
 def on_signal(signum, frame):
-    """The first signal lets the current optimizer step finish and be saved; the ranks learn of it
-    through that step's all-reduce. A second one (a second later or more: under torchrun one Ctrl-C
-    reaches a worker twice, from the terminal and forwarded) stops at once."""
+    """The first signal asks for a stop: the current optimizer step finishes and is saved, and the
+    ranks learn of it in that step's check. A second one (a second later or more: under torchrun
+    one Ctrl-C reaches a worker twice, from the terminal and forwarded) stops at once."""
     name = signal.Signals(signum).name
     if not signalled:
         signalled.append((name, time.time()))
@@ -656,7 +762,8 @@ def on_signal(signum, frame):
             os.write(sys.stdout.fileno(), f"[{datetime.now():%H:%M:%S}] {name}: finishing this step, then saving a "
                      f"checkpoint ({name} again to stop at once)\n".encode())
     elif time.time() - signalled[0][1] > 1.0:
-        raise SystemExit(f"{name} again: stopped at once; the run resumes from {checkpoint.checkpoints_dir(run_dir)}/latest")
+        raise SystemExit(f"{name} again: stopped at once; the run resumes from "
+                         f"{checkpoint.checkpoints_dir(run_dir)}/latest")
 
 
 signal.signal(signal.SIGINT, on_signal)
@@ -666,19 +773,13 @@ step = start_step
 t_start = t_last = time.time()
 paused, pauses = 0.0, 0  # time spent in evaluations and checkpoints this session, and how many
 steps_since_log = 0
-stop_asked = False  # by a signal on any rank, known to all ranks after the step's all-reduce
+stop_asked = False  # by a signal on any rank, known to every rank after the step's check
 while True:
-    last_step = step >= max_steps
-    stopping = (stop_at_step is not None and step >= stop_at_step) or stop_asked
+    stopping = step >= max_steps or stop_asked or (stop_at_step is not None and step >= stop_at_step)
     t_pause = time.time()
-    if not (resume_from and step == start_step):  # the step we resumed from is already saved
-        evaluating = last_step or is_eval_step(step)
-        if last_step or stopping or is_save_step(step):
-            save_checkpoint(step, evaluating)  # evaluating there too, in the capture's pass where they share rows
-        elif evaluating:
-            report_eval(step, evaluate())
-        pauses += evaluating or is_save_step(step)
-    if last_step or stopping:
+    if step > start_step or not resume_from:  # the step a run resumed from is saved already
+        pauses += checkpoint_if_due(step, stopping)
+    if stopping:
         break
     t_last += time.time() - t_pause  # tokens/s counts training time, not evaluation and checkpoints
     paused += time.time() - t_pause
@@ -687,46 +788,17 @@ while True:
     step_lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
-    try:
-        batches = train_data.next_batch()
-    except data.DataError as e:
-        raise SystemExit(f"data error in the batch of step {step + 1}: {e}") from None
     loss_sum = torch.zeros((), device=device)
-    for micro_step, (x, y) in enumerate(batches):
-        # gradients are reduced across ranks at the last micro-step only (told before the forward)
-        last_micro_step = micro_step == gradient_accumulation_steps - 1
-        if use_deepspeed:
-            model.set_gradient_accumulation_boundary(last_micro_step)
-        elif is_dist:
-            model.require_backward_grad_sync = last_micro_step
+    for micro_step, (x, y) in enumerate(next_batch(step)):
+        reduce_gradients_now(micro_step == gradient_accumulation_steps - 1)
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y)  # mean cross-entropy of the sub-batch
         loss_sum += loss.detach()
-        # each sub-batch loss is a mean over its tokens; dividing by the number of micro-steps (and
-        # the average over ranks) makes the gradient the mean over the whole global batch
-        if use_deepspeed:
-            model.backward(loss)  # DeepSpeed's engine divides by gradient_accumulation_steps itself
-        else:
-            (loss / gradient_accumulation_steps).backward()
-    grad_norm = torch.zeros((), device=device)  # DeepSpeed computes (and clips) it inside its step
-    if not use_deepspeed:
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    # one host sync per optimizer step: the global mean loss and the gradient norm, checked before
-    # the step is applied, so a diverged step never reaches the weights or a checkpoint; and
-    # whether any rank was signalled to stop
-    mean = all_ranks_sum(torch.stack([loss_sum / gradient_accumulation_steps,
-                                      torch.tensor(float(bool(signalled)), device=device)])) / world_size
-    step_loss, signal_share, norm = torch.cat([mean, grad_norm.float().view(1)]).tolist()
-    stop_asked = signal_share > 0
-    if not (math.isfinite(step_loss) and math.isfinite(norm)):
-        stop(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
+        backward(loss)
+    step_loss, norm, stop_asked = check_step(step, loss_sum)
     # the optimizer step
     if use_deepspeed:
-        skipped = model.skipped_steps
-        model.step()  # ZeRO-2's: it finishes the gradient shards, clips, steps, and skips a non-finite gradient
-        norm = float(model.get_global_grad_norm() or 0.0)
-        if model.skipped_steps > skipped:
-            stop(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")
+        norm = deepspeed_step(step, step_loss)
     else:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -747,6 +819,7 @@ while True:
             f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
         log_metrics(row)
         t_last, steps_since_log = now, 0
+
 
 # -----------------------------------------------------------------------------
 # the end

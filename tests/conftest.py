@@ -11,6 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs one of the session's trained runs (the fixtures below) is slow, as is one
+    marked so itself: `python -m pytest -m "not slow"` leaves them out (the quick subset)."""
+    for item in items:
+        if {"reference_run", "base_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """reference_run(*args, nproc=1): a runs folder holding the run "ref" of the tiny model with these

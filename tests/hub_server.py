@@ -330,7 +330,7 @@ class HubServer:
 
     def start(self):
         handler = type("BoundHandler", (Handler,), {"state": self.state})
-        for attempt in range(50):
+        for _ in range(50):
             try:
                 self.httpd = QuietServer(("127.0.0.1", self.port), handler)
                 break

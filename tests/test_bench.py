@@ -10,6 +10,8 @@ import torch
 
 from helpers import ROOT
 
+pytestmark = pytest.mark.slow  # runs bench.py's code
+
 
 def test_gpu_bench_code_runs_at_toy_size():
     proc = subprocess.run([sys.executable, "bench.py", "--gpu", "--smoke"], cwd=ROOT, capture_output=True,
@@ -17,7 +19,7 @@ def test_gpu_bench_code_runs_at_toy_size():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("pico-decoder-")]
     assert len(rows) == 2 and not any("FAILED" in r for r in rows), proc.stdout
-    for row, compiled in zip(rows, ("False", "True")):
+    for row, compiled in zip(rows, ("False", "True"), strict=True):
         assert f"compile={compiled}" in row
         assert float(re.search(r"([\d,]+) tok/s", row).group(1).replace(",", "")) > 0
 

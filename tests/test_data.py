@@ -116,7 +116,8 @@ def test_resume_rejects_a_changed_dataset(tmp_path):
         s.load_state_dict(state)
 
 
-def bad_file(path, rows, type_=pa.list_(pa.int32()), name="input_ids"):
+def bad_file(path, rows, type_=None, name="input_ids"):
+    type_ = type_ or pa.list_(pa.int32())
     pq.write_table(pa.table({name: pa.array(rows, type=type_)}), path)
 
 
@@ -175,7 +176,8 @@ def test_one_retry_rule_for_every_hub_call(monkeypatch, caplog):
     retried = [answer(500), answer(502), answer(503), answer(429), httpx.ConnectError("refused"),
                httpx.ReadTimeout("slow"), ConnectionResetError("reset by peer"), TimeoutError("timed out"),
                wrapped(httpx.RemoteProtocolError("cut off")), wrapped(ConnectionRefusedError()),
-               wrapped(RuntimeError("Cannot send a request, as the client has been closed.")),  # another thread's outage
+               # another thread's outage
+               wrapped(RuntimeError("Cannot send a request, as the client has been closed.")),
                wrapped(httpx.ConnectError("refused"), LocalEntryNotFoundError)]  # hf_hub_download with no network
     not_retried = [answer(400), answer(401), answer(403), answer(404, RepositoryNotFoundError), answer(404),
                    wrapped(answer(401)), FileNotFoundError("x"), PermissionError("x"), ValueError("x"),
@@ -302,6 +304,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     """The Hub path (whole files into a cache folder) against the local Hub server: the same rows
     as the local files, a resume that downloads only the file it needs, and a download that
@@ -309,7 +312,8 @@ def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     import subprocess
     import sys
     order = write_synthetic(tmp_path / "src", row_group_size=3)
-    script = f"ROOT = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}\nSRC = {str(tmp_path / 'src')!r}\n"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"ROOT = {root!r}\nSRC = {str(tmp_path / 'src')!r}\n"
     proc = subprocess.run([sys.executable, "-c", script + HUB_STREAM], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -325,6 +329,7 @@ def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     assert out["missing"].startswith("tester/nothing: no such dataset on the Hugging Face Hub (http://127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_the_ranks_of_a_node_download_each_file_once(tmp_path):
     """4 ranks in lockstep (bench.hub_data_cost) on a 4-file Hub dataset: each file is sent once,
     every rank gets its slice of the global order, and with a disk budget of 0 only the file being

@@ -46,7 +46,7 @@ def read_like_pico_analyze(folder, split, n_layers):
     assert set(files["activations"]) == set(files["weights"]) == set(files["gradients"])
     for i in range(n_layers):
         for suffix in SUFFIXES:
-            for kind, d in files.items():
+            for d in files.values():
                 t = d[f"{prefix}{i}.{suffix}"]
                 assert t.dtype == torch.float32 and t.device.type == "cpu"
                 torch.linalg.svdvals(t)
@@ -78,7 +78,8 @@ def test_capture_matches_plain_forward_and_backward(reference_run):
     assert np.array_equal(stream.peek_global_batch(), train_rows)
     read_like_pico_analyze(step_dir / "learning_dynamics", "train", 2)
     read_like_pico_analyze(step_dir / "learning_dynamics", "val", 2)
-    with pytest.raises(FileNotFoundError, match="no train learning dynamics at step 4 .* the steps that have them: 0, 2 "):
+    with pytest.raises(FileNotFoundError,
+                       match="no train learning dynamics at step 4 .* the steps that have them: 0, 2 "):
         dynamics.load(run, 4, "train")  # the final step has no next batch
 
 
@@ -92,7 +93,7 @@ def test_two_processes_write_the_same_files_as_one(tmp_path, reference_run, back
     for step, splits in ((0, ("train", "val")), (2, ("val",))):
         for split in splits:
             one, two = dynamics.load(one_run, step, split), dynamics.load(tmp_path / "two", step, split)
-            for a, b in zip(one, two):
+            for a, b in zip(one, two, strict=True):
                 assert list(a) == list(b)
                 for k in a:
                     assert a[k].shape == b[k].shape and rel_err(b[k], a[k]) <= 1e-5, (step, split, k)
@@ -112,7 +113,7 @@ def test_capture_on_and_off_train_identically(tmp_path, reference_run):
     a, b = logged(on, "ref"), logged(tmp_path, "off")
     assert [m for m in a if "loss" in m] == [m for m in b if "loss" in m]  # training, to the bit
     # the evaluation: from the capture's pass with it on, a pass of its own with it off (other batches)
-    evals = [(m, n) for m, n in zip(a, b) if "eval/loss" in m]
+    evals = [(m, n) for m, n in zip(a, b, strict=True) if "eval/loss" in m]
     assert len(evals) == 3 and all(m.keys() == n.keys() and all(abs(m[k] / n[k] - 1) <= 1e-6 for k in m if k != "step")
                                    for m, n in evals)
 
@@ -134,8 +135,10 @@ def test_the_train_rows_folder_is_the_one_datasets_writes(tmp_path):
     tok = data.load_tokenizer()
     dynamics.save_rows(rows, tmp_path / "ours", tok)
     text = tok.decode_batch(rows.tolist(), skip_special_tokens=False)
-    features = datasets.Features({"input_ids": datasets.LargeList(datasets.Value("int32")), "text": datasets.Value("string")})
-    datasets.Dataset.from_dict({"input_ids": rows.tolist(), "text": text}, features=features).save_to_disk(str(tmp_path / "theirs"))
+    features = datasets.Features({"input_ids": datasets.LargeList(datasets.Value("int32")),
+                                  "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"input_ids": rows.tolist(), "text": text},
+                               features=features).save_to_disk(str(tmp_path / "theirs"))
     ours, theirs = (datasets.load_from_disk(str(tmp_path / d)) for d in ("ours", "theirs"))
     assert ours.features == theirs.features == features and ours[:] == theirs[:]
     assert ours["input_ids"] == rows.tolist() and ours["text"] == text
@@ -169,7 +172,7 @@ def test_one_pass_per_checkpoint_gives_the_same_evaluation_and_dynamics(tmp_path
         for key in ("loss", "paloma", "perplexity"):
             assert abs(a[key] / b[key] - 1) <= 1e-6, (name, key, a[key], b[key])
     files = sorted(p.relative_to(fused) for p in fused.glob("checkpoints/step_*/learning_dynamics/**/*") if p.is_file())
-    assert files and files == sorted(p.relative_to(apart) for p in apart.glob("checkpoints/step_*/learning_dynamics/**/*")
-                                     if p.is_file())
+    made = apart.glob("checkpoints/step_*/learning_dynamics/**/*")
+    assert files and files == sorted(p.relative_to(apart) for p in made if p.is_file())
     digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     assert [f for f in files if digest(fused / f) != digest(apart / f)] == []

@@ -16,6 +16,8 @@ import yaml
 from helpers import ROOT, TINY, max_diff, run_train, weights
 from hub_server import HubServer
 
+pytestmark = pytest.mark.slow  # every test here trains or serves a run through the local Hub
+
 REPO = "tester/pico-demo"
 
 
@@ -77,7 +79,8 @@ def test_a_pushed_run_has_one_commit_per_artefact_and_is_read_and_resumed_from_t
     assert [line.split(":")[0] for line in listing.stdout.splitlines()] == ["step 0", "step 1", "step 2", "step 4"]
     for step in (0, 1, 2, 4):  # every step's dynamics, fetched at its commit, equal the bytes on disk
         out = tmp_path / f"dl{step}"
-        proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", str(step), "--what", "dynamics", "--out", str(out))
+        proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", str(step), "--what", "dynamics",
+                           "--out", str(out))
         assert proc.returncode == 0, proc.stderr
         for split in (("val",) if step == 4 else ("train", "val")):
             for kind in ("activations", "weights", "gradients"):
@@ -87,7 +90,8 @@ def test_a_pushed_run_has_one_commit_per_artefact_and_is_read_and_resumed_from_t
 
     # read back as pico-analyze reads a run: the config, then a step's dynamics at its commit
     from test_dynamics import read_like_pico_analyze
-    proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", "2", "--what", "config", "--out", str(tmp_path / "dl2"))
+    proc = run_hub_cli(hub, "download", REPO, "--branch", "pushed", "--step", "2", "--what", "config",
+                       "--out", str(tmp_path / "dl2"))
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(open(tmp_path / "dl2" / "training_config.yaml"))
     assert cfg["model"]["d_model"] == 32 and cfg["checkpointing"]["run_name"] == "pushed"
@@ -96,7 +100,8 @@ def test_a_pushed_run_has_one_commit_per_artefact_and_is_read_and_resumed_from_t
 
     # restored elsewhere from step 2, the run resumes and ends where the original did
     elsewhere = tmp_path / "elsewhere"
-    proc = run_hub_cli(hub, "restore", REPO, "--branch", "pushed", "--step", "2", "--run-dir", str(elsewhere / "pushed"))
+    proc = run_hub_cli(hub, "restore", REPO, "--branch", "pushed", "--step", "2",
+                       "--run-dir", str(elsewhere / "pushed"))
     assert proc.returncode == 0, proc.stderr
     proc = run_train(elsewhere, "--run_name=pushed", "--max_steps=4", "--save_log_spaced_until=1")
     assert "resumed from" in proc.stdout
@@ -108,8 +113,10 @@ def test_outage_mid_run_loses_nothing(tmp_path, hub):
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", *args], cwd=ROOT,
                             env={**os.environ, **hub.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not any(t.startswith("Saving HF Model -- Step 0") for t, _ in
-                  (hub.titles(REPO, "outage") if REPO in hub.state.repos and "outage" in hub.state.repos[REPO]["branches"] else [])):
+    def outage_titles():
+        have = REPO in hub.state.repos and "outage" in hub.state.repos[REPO]["branches"]
+        return hub.titles(REPO, "outage") if have else []
+    while not any(t.startswith("Saving HF Model -- Step 0") for t, _ in outage_titles()):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     hub.stop()
@@ -172,7 +179,8 @@ def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
     raw[len(raw) // 2] ^= 0x01
     hub.plant(REPO, "shared", "Saving HF Model -- Step 2", {"model.safetensors": bytes(raw)})
     assert "model.safetensors has the right size but not the content" in restore()
-    hub.plant(REPO, "shared", "Saving HF Model -- Step 2", {"model.safetensors": (local / "model.safetensors").read_bytes()})
+    hub.plant(REPO, "shared", "Saving HF Model -- Step 2",
+              {"model.safetensors": (local / "model.safetensors").read_bytes()})
 
     # 2. a path that climbs out of the target folder: refused before anything is downloaded
     outside = tmp_path / "escaped.txt"
@@ -192,7 +200,8 @@ def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
     evil = tmp_path / "training_state.pt"
     plant_pickle(evil, marker)
     manifest = json.loads((local / "manifest.json").read_text())
-    manifest["files"]["training_state.pt"] = {"bytes": evil.stat().st_size, "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
+    manifest["files"]["training_state.pt"] = {"bytes": evil.stat().st_size,
+                                              "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()}
     hub.plant(REPO, "shared", "Saving Fabric Checkpoint -- Step 2", {
         "training_state/training_state.pt": evil.read_bytes(),
         "training_state/manifest.json": json.dumps(manifest).encode()})

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import Attention, KVCache, ModelConfig, PicoDecoder, load_pretrained, save_pretrained
+from model import Attention, KVCache, ModelConfig, PicoDecoder, export_names, load_pretrained, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(d_model=32, n_layers=2, vocab_size=97, max_seq_len=24, attention_n_heads=4,
@@ -52,7 +52,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path)
     assert loaded.config == model.config
-    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2), k1
     ids = tokens()
     assert torch.equal(model(ids)[0], loaded(ids)[0])
@@ -76,7 +76,7 @@ def reference_pico_train_logits(sd, cfg, ids):
 
     x = sd["pico_decoder.embedding_proj.weight"][ids]
     for i in range(cfg["n_layers"]):
-        p = lambda name: sd[f"pico_decoder.layers.{i}.{name}.weight"]  # noqa: E731
+        p = lambda name, i=i: sd[f"pico_decoder.layers.{i}.{name}.weight"]  # noqa: E731
         h = norm(x, p("attention_norm"))
         q = rope((h @ p("attention.q_proj").T).view(B, T, H, hd))
         k = rope((h @ p("attention.k_proj").T).view(B, T, KV, hd))
@@ -96,7 +96,8 @@ def reference_pico_train_logits(sd, cfg, ids):
 def test_pico_train_checkpoint_import(tmp_path, model_type):
     cfg = {**SMALL, "norm_eps": 1e-6, "position_emb_theta": 10000.0}
     torch.manual_seed(3)
-    sd = {"pico_decoder." + k: torch.randn_like(v) * 0.3 for k, v in PicoDecoder(ModelConfig(**SMALL)).state_dict().items()}
+    ours = PicoDecoder(ModelConfig(**SMALL)).state_dict()
+    sd = {"pico_decoder." + k: torch.randn_like(v) * 0.3 for k, v in ours.items()}
     save_file(sd, str(tmp_path / "model.safetensors"))
     json.dump({**cfg, "model_type": model_type, "architectures": ["PicoDecoderHF"]},
               open(tmp_path / "config.json", "w"))
@@ -237,6 +238,7 @@ def test_chunked_loss_under_bf16_autocast_matches_autocast_reference():
         assert (ours[n] - p.grad).abs().max().item() <= tol * p.grad.abs().max().item(), n
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     # train.py --compile=True and bench.py --gpu run the model through torch.compile (Inductor)
     model = small_model(max_seq_len=128).train()
@@ -314,5 +316,23 @@ def test_both_reductions_and_no_head_gradient_change_no_other_number():
     assert torch.equal(both, loss) and not per_token.requires_grad
     with torch.no_grad():
         assert torch.equal(per_token, model(x, y, reduction="none")[1])  # evaluation's numbers, to the bit
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(both, layers), full[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(both, layers), full[:2], strict=True))
     assert not model.de_embedding_proj.weight.grad_fn and model.de_embedding_proj.weight.grad is None
+
+
+def test_a_weight_the_llama_export_cannot_name_is_refused_naming_the_export(tmp_path):
+    class WithPositionTable(PicoDecoder):  # a learner's change: a learned position table
+        def __init__(self, config):
+            super().__init__(config)
+            self.position_emb = torch.nn.Embedding(config.max_seq_len, config.d_model)
+
+    model = WithPositionTable(ModelConfig(**SMALL))
+    message = r"weights that the Llama export \(model._HF_NAMES\) does not name: position_emb.weight\. "
+    with pytest.raises(ValueError, match=message):
+        export_names(model)
+    with pytest.raises(ValueError, match=message):
+        save_pretrained(model, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()  # refused before anything is written
+    save_pretrained(small_model(), str(tmp_path / "ok"))  # the unchanged model: every weight under its Llama name
+    from safetensors.torch import load_file
+    assert set(load_file(str(tmp_path / "ok" / "model.safetensors"))) == set(export_names(small_model()).values())

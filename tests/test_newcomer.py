@@ -52,6 +52,7 @@ def tokenize(tmp_path, val_every):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_your_own_data_is_evaluated_on_its_own_held_out_split(tmp_path):
     out, said = tokenize(tmp_path, 3)
     n_val = pq.ParquetFile(out / "validation.parquet").metadata.num_rows
@@ -67,6 +68,7 @@ def test_your_own_data_is_evaluated_on_its_own_held_out_split(tmp_path):
     assert next(iter(acts.values())).shape[0] == n_val * 32  # the dynamics' val rows follow it too
 
 
+@pytest.mark.slow
 def test_own_data_without_a_held_out_split_says_what_to_set(tmp_path):
     out, said = tokenize(tmp_path, 0)
     assert "0 validation rows" in said and "eval_dataset_name" in said
@@ -127,12 +129,14 @@ def test_stopped_by_stop_at_step_then_by_sigterm_resumes_bit_identically(tmp_pat
     proc = run_train(tmp_path, "--run_name=stopped", *args, nproc=nproc)
     assert f"resumed from {tmp_path / 'stopped' / 'checkpoints' / f'step_{stopped_at}'}" in proc.stdout
     assert max_diff(weights(ref, "ref", 12), weights(tmp_path, "stopped", 12)) == 0.0
-    losses = [{m["step"]: m["loss"] for m in metrics(d, r) if "loss" in m} for d, r in ((ref, "ref"), (tmp_path, "stopped"))]
+    losses = [{m["step"]: m["loss"] for m in metrics(d, r) if "loss" in m}
+              for d, r in ((ref, "ref"), (tmp_path, "stopped"))]
     assert losses[0] == losses[1]
     evals = sorted(os.listdir(tmp_path / "stopped" / "eval_results"))
     assert evals == ["step_0.json", "step_10.json", "step_12.json", "step_5.json"]  # none at the stops
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tmp_path):
     # steps of about 2 s (and a checkpoint of about 3 s) on 2 cores, so the second signal comes mid-way
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", "--run_name=twice",

@@ -17,6 +17,8 @@ import torch
 import checkpoint
 from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
 
+pytestmark = pytest.mark.slow  # every test here trains a run
+
 SCHEDULE = ["--save_log_spaced_until=8", "--save_every_n_steps=10", "--max_steps=20"]
 STEPS = [0, 1, 2, 4, 8, 10, 20]
 

@@ -54,9 +54,10 @@ def test_ddp_two_processes_match_one(tmp_path, reference_run):
     hub_copy_of_the_demo(server)
     ref = reference_run()
     run_train(tmp_path, "--run_name=ddp", "--gradient_accumulation_steps=1", "--dataset_name=tester/demo",
-              "--eval_dataset_name=data/demo", "--eval_dataset_split=validation", f"--data_cache_dir={tmp_path / 'cache'}",
-              "--data_cache_gb=0", nproc=2, env={"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                                                 "HF_HOME": str(tmp_path / "hf")})
+              "--eval_dataset_name=data/demo", "--eval_dataset_split=validation",
+              f"--data_cache_dir={tmp_path / 'cache'}", "--data_cache_gb=0", nproc=2,
+              env={"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                   "HF_HOME": str(tmp_path / "hf")})
     server.stop()
     gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
     assert sorted(gets) == [f"train-{f}.parquet" for f in range(5)]  # 4 steps read 4 files; the 5th came ahead
@@ -66,7 +67,7 @@ def test_ddp_two_processes_match_one(tmp_path, reference_run):
     assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "ddp", 4)) <= 1e-5
     single, ddp = metrics(ref, "ref"), metrics(tmp_path, "ddp")
     assert [m["step"] for m in single] == [m["step"] for m in ddp]
-    for a, b in zip(single, ddp):
+    for a, b in zip(single, ddp, strict=True):
         for key in ("loss", "eval/loss"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5, (a, b)
@@ -104,7 +105,7 @@ def test_two_nodes_need_one_shared_runs_dir_and_then_train_as_one_process(tmp_pa
     nodes. Each node with its own: both stop at start with one line. Sharing one: 2 nodes train as
     2 processes on one node do, stop and resume bit-identically, and match one process."""
     t0 = time.time()
-    for code, out, err in two_nodes([tmp_path / "node0", tmp_path / "node1"], "--run_name=apart"):
+    for code, _, err in two_nodes([tmp_path / "node0", tmp_path / "node1"], "--run_name=apart"):
         assert code != 0 and "runs_dir must be on a filesystem that every node shares" in err, err[-3000:]
         assert "config error: 1 of 2 ranks cannot see the run folder" in err
     assert time.time() - t0 < 60
@@ -160,7 +161,8 @@ def test_run_folder_layout_and_config_yaml(reference_run):
     import configurator
     in_yaml = [k for section in cfg.values() for k in section if k not in ("model_type", "world_size")]
     assert sorted(in_yaml) == sorted(configurator.sections(os.path.join(ROOT, "train.py")))  # every setting, once
-    assert cfg["training"]["lr"] == 3e-3 and cfg["evaluation"]["eval_max_rows"] == 1 and "layer_suffixes" in cfg["checkpointing"]
+    assert cfg["training"]["lr"] == 3e-3 and cfg["evaluation"]["eval_max_rows"] == 1
+    assert "layer_suffixes" in cfg["checkpointing"]
     assert sorted(os.listdir(run / "eval_results")) == ["step_0.json", "step_2.json"]
     ev = json.load(open(run / "eval_results" / "step_2.json"))
     assert ev["paloma"] > 1 and ev["loss"] > 0 and ev["rows"] == 32  # 1 row of 2049 = 32 windows of 64
@@ -192,7 +194,8 @@ def test_the_learning_rate_schedules_hit_their_defining_points(tmp_path, referen
     (["--auto_resume=yes"], "auto_resume must be bool"),
     (["--layer_suffixes=3"], "layer_suffixes must be list"),
     (["--batch_size=9"], "batch_size 9 is not divisible by gradient_accumulation_steps 2 x world_size 1 = 2; with 1 "
-                         "rank(s), gradient_accumulation_steps can be 1 (sub-batch 9), 3 (sub-batch 3), 9 (sub-batch 1)"),
+                         "rank(s), gradient_accumulation_steps can be 1 (sub-batch 9), 3 (sub-batch 3), "
+                         "9 (sub-batch 1)"),
 ])
 def test_config_errors_are_clear(tmp_path, args, message):
     proc = run_train(tmp_path, *args, check=False)
@@ -221,6 +224,7 @@ def test_a_yaml_config_runs_no_code_and_must_have_the_runs_layout(tmp_path, text
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_overrides_are_typed_and_saved(tmp_path):
     run_train(tmp_path, "--run_name=typed", "--max_steps=1", "--lr=2e-3", "--weight_decay=0",
               "--layer_suffixes=attention.v_proj,swiglu.w_2", "--eval_every_n_steps=0")
@@ -257,6 +261,7 @@ def wandb_records(path):
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_records_the_metrics(tmp_path):
     pytest.importorskip("wandb")
     run_train(tmp_path, "--run_name=wb", "--max_steps=2", "--save_to_wandb=True", "--wandb_project=pico-test",
@@ -269,7 +274,8 @@ def test_wandb_offline_records_the_metrics(tmp_path):
         pb = wandb_internal_pb2.Record()
         pb.ParseFromString(record)
         if pb.WhichOneof("record_type") == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in pb.history.item})
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in pb.history.item})
     logged = metrics(tmp_path, "wb")
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses == [m["loss"] for m in logged if "loss" in m] and len(losses) == 2

@@ -52,6 +52,7 @@ def test_deepspeeds_own_checkpoint_files_are_never_read(base_run, tmp_path):
     assert not hasattr(checkpoint, "deepspeed_engine")  # nor any loader that would read them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
 def test_a_diverged_step_is_never_applied_or_saved(tmp_path, backend):
     if backend == "deepspeed":
@@ -141,7 +142,8 @@ def test_bad_checkpoint_files_are_named(base_run, tmp_path, damage, message):
     assert message in last_line(proc), last_line(proc)
 
 
-def write_ids(path, ids, kind=pa.int32()):
+def write_ids(path, ids, kind=None):
+    kind = kind or pa.int32()
     pq.write_table(pa.table({"input_ids": pa.array(ids, type=pa.list_(kind))}), path)
 
 
@@ -172,6 +174,7 @@ def test_bad_data_files_are_named_before_any_work(tmp_path, case, message):
     assert not os.path.exists(tmp_path / "data" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_a_bad_row_mid_run_names_the_step(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -183,10 +186,12 @@ def test_a_bad_row_mid_run_names_the_step(tmp_path):
                      "--eval_dataset_split=validation", check=False)
     assert proc.returncode != 0 and "step 4/6" in proc.stdout
     line = last_line(proc)
-    assert line.startswith("data error in the batch of step 5: ") and "train-00001.parquet row 0: token id 50304" in line
+    assert line.startswith("data error in the batch of step 5: ")
+    assert "train-00001.parquet row 0: token id 50304" in line
     # the checkpoint at step 4 looked ahead at that bad batch for its train dynamics: it is still whole
     run = tmp_path / "midrun" / "checkpoints"
-    assert checkpoint.saved_steps(str(tmp_path / "midrun")) == [0, 1, 2, 4] and os.path.realpath(run / "latest").endswith("step_4")
+    assert checkpoint.saved_steps(str(tmp_path / "midrun")) == [0, 1, 2, 4]
+    assert os.path.realpath(run / "latest").endswith("step_4")
     checkpoint.verify(str(run / "step_4"))
     assert not (run / "step_4" / "learning_dynamics" / "train_activations.pt").exists()
     assert (run / "step_4" / "learning_dynamics" / "val_activations.pt").exists()
