@@ -203,6 +203,8 @@ class Block(nn.Module):
 
 
 class PicoDecoder(nn.Module):
+    """The whole model. Every weight made here must have a Llama name in _HF_NAMES: the training
+    checkpoint is the Llama export (the contract at the top of this file)."""
 
     def __init__(self, config):
         super().__init__()
