@@ -121,3 +121,22 @@ def test_pages_say_what_is_true_not_the_machines_history(page):
     diary = re.compile(r"that night|was moved to|been lent|sessions so far|no GPU (has|was) (been )?(lent|available)",
                        re.I)
     assert not diary.search(read(page))
+
+
+def test_the_course_points_at_code_that_exists():
+    """Each `file -> name` of the course names a function, class or method (Class.method) defined in
+    that file, or a `the "x" section` that is a `# x...` line of it."""
+    pointers = re.findall(r"`(\w+\.py) -> ([^`]+)`", read("docs/course.md"))
+    assert len(pointers) >= 20
+    for file, name in pointers:
+        source = read(file)
+        section = re.fullmatch(r'the "(.+)" section', name)
+        if section:
+            assert re.search(rf"^# {re.escape(section.group(1))}", source, re.M), (file, name)
+        elif name == "the loop":
+            assert "\nwhile True:\n" in source
+        else:
+            *owner, leaf = name.split(".")
+            assert re.search(rf"^\s*(def|class) {leaf}\b", source, re.M), (file, name)
+            if owner:
+                assert re.search(rf"^class {owner[0]}\b", source, re.M), (file, name)
