@@ -298,17 +298,12 @@ class PicoDecoder(nn.Module):
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12 * L * H * hd * T
-        for attention scores and values (DESIGN.md section 3)."""
+        """Training FLOPs per token: 6N for the matmuls, forward and backward (N = num_params(matmul_only=True)),
+        plus 12 * L * H * hd * T for the attention scores and values (the accounting of the PaLM
+        paper's appendix B, which MFU figures usually follow)."""
         c = self.config
         T = seq_len or c.max_seq_len
         return 6 * self.num_params(matmul_only=True) + 12 * c.n_layers * c.attention_n_heads * c.head_dim * T
-
-
-# dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
-# NVL cards run slower clocks than the SXM ones that carry the bare name
-GPU_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                       "A100": 312e12}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -379,6 +374,12 @@ def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False)
                 elif need_grad_w:
                     grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
     return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w
+
+
+# dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
+# NVL cards run slower clocks than the SXM ones that carry the bare name
+GPU_BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                       "A100": 312e12}
 
 
 def gpu_peak_flops(device_name):
