@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -103,43 +102,9 @@ seed = 42
 dist_timeout_min = 60  # how long a rank waits at a collective (e.g. for another node's first data download)
 # -----------------------------------------------------------------------------
 config_keys, ignored_from_yaml = configurator.configure(sys.argv[1:], globals())
-# settings that cannot work are refused now, one line each, before anything is created or loaded
-for name, least, hint in (("batch_size", 1, ""), ("gradient_accumulation_steps", 1, ""), ("save_every_n_steps", 1, ""),
-                          ("log_every_n_steps", 1, ""), ("eval_batch_size", 1, ""),
-                          ("learning_dynamics_batch_size", 1, ""),
-                          ("eval_max_rows", 1, " (None: the whole evaluation set)"), ("stop_at_step", 0, ""),
-                          ("save_log_spaced_until", 0, ""),
-                          ("max_steps", 0, " (the run's length in optimizer steps)"),
-                          ("eval_every_n_steps", 0, " (0: evaluate at the end only)"), ("lr_warmup_steps", 0, ""),
-                          ("lr", 0, ""), ("grad_clip", 0, " (0: no clipping)"), ("data_cache_gb", 0, ""),
-                          ("weight_decay", 0, " (0: none)"),
-                          ("dist_timeout_min", 1, " (minutes a rank waits for the others)")):
-    value = globals()[name]
-    if value is not None and (isinstance(value, (bool, str, list)) or value < least):
-        raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
-for name, value in (("adam_beta1", adam_beta1), ("adam_beta2", adam_beta2), ("min_lr_ratio", min_lr_ratio)):
-    if not 0 <= value <= 1 or (name != "min_lr_ratio" and value == 1):
-        bound = "at most" if name == "min_lr_ratio" else "below"
-        raise SystemExit(f"config error: {name} must be at least 0 and {bound} 1, got {value!r}")
-if not adam_eps > 0:
-    raise SystemExit(f"config error: adam_eps must be above 0 (it keeps AdamW's division finite), got {adam_eps!r}")
-if stop_at_step is not None and stop_at_step > max_steps:
-    raise SystemExit(f"config error: stop_at_step {stop_at_step} is past max_steps {max_steps}, so it would never be "
-                     f"reached: the run ends at max_steps")
-if not -max_seq_len <= sequence_idx < max_seq_len:
-    raise SystemExit(f"config error: sequence_idx {sequence_idx} is not a token position of a {max_seq_len}-token "
-                     f"sequence (0 to {max_seq_len - 1}, or -1 to -{max_seq_len} from the end)")
-if run_name is not None and (run_name in ("", ".") or ".." in run_name or "/" in run_name or os.sep in run_name):
-    raise SystemExit(f"config error: run_name {run_name!r} must be a plain folder name (no '/', no '..', not empty): "
-                     f"the run is written to runs_dir/run_name")
-if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-    raise SystemExit(f"config error: device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+configurator.refuse_unworkable(globals())  # settings that cannot work: one line each, before anything is made
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"config error: device {device!r}, but torch sees no CUDA GPU here (use device='cpu' or 'auto')")
-if precision not in ("auto", "bf16", "fp32"):
-    raise SystemExit(f"config error: precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-if lr_scheduler not in ("linear_with_warmup", "cosine"):
-    raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
 configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
 
 # -----------------------------------------------------------------------------
