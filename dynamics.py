@@ -93,7 +93,7 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
             h.remove()
 
     out_dims = [w.shape[0] for w in weights]
-    # (rows here, sum of out)
+    # local: (rows on this rank, the chosen layers' output features side by side)
     local = torch.cat([torch.cat(acts[n]) if acts[n] else torch.zeros(0, d, device=weights[0].device)
                        for n, d in zip(names, out_dims, strict=True)], dim=1) if names else None
     if world_size > 1:

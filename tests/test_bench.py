@@ -10,9 +10,8 @@ import torch
 
 from helpers import ROOT
 
-pytestmark = pytest.mark.slow  # runs bench.py's code
 
-
+@pytest.mark.slow  # bench.py's GPU code, torch.compile included: ~40 s
 def test_gpu_bench_code_runs_at_toy_size():
     proc = subprocess.run([sys.executable, "bench.py", "--gpu", "--smoke"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
