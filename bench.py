@@ -1,7 +1,7 @@
 """
 How fast is pico-train? One script, one table.
 
-    python bench.py            # CPU: about 2-3 minutes, prints a table (README "Performance")
+    python bench.py            # CPU: about 2-3 minutes, prints the table of docs/performance.md#the-table
     python bench.py --gpu      # one CUDA GPU: pico-decoder small and medium, bf16, seq 2048, MFU
     python bench.py --gpu --smoke   # the GPU table's code at toy size on any device (a test)
 
@@ -112,7 +112,7 @@ def model_ab(device, reps, batch, seq_len):
     torch.manual_seed(0)
     ours = PicoDecoder(ModelConfig(**{**TINY, "max_seq_len": seq_len})).to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(ours, tmp)
+        save_pretrained(ours, tmp, llama=True)
         theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device)
     ids = torch.randint(0, 50280, (batch, seq_len + 1), device=device)
     models = {"ours": (ours, ids), "transformers": (theirs, ids[:, :-1])}  # transformers shifts itself
@@ -223,7 +223,7 @@ def checkpoint_cost(cfg, device):
     with tempfile.TemporaryDirectory() as run:
         t0 = time.perf_counter()
         tmp = checkpoint.begin(run, 1)
-        save_pretrained(model, tmp)
+        save_pretrained(model, tmp, llama=True)  # (train.py decides it once, at start-up)
         torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
         t1 = time.perf_counter()
         checkpoint.write_manifest(tmp, 1)  # fsync + sha256 of every file
@@ -258,7 +258,7 @@ def hub_upload_cost(model, opt, cfg, batch, micro, device):
 
     with tempfile.TemporaryDirectory() as run:
         tmp = checkpoint.begin(run, 0)
-        save_pretrained(model, tmp)
+        save_pretrained(model, tmp, llama=True)  # (train.py decides it once, at start-up)
         torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
         open(os.path.join(run, "training_config.yaml"), "w").write("model: {}\n")
         idle = []
@@ -414,14 +414,14 @@ def demo_checkpoint_row(demo, val, suffixes, repeats=2):
             with torch.no_grad():
                 for i in range(0, len(val), 25):
                     chunk = torch.from_numpy(val[i:i + 25])
-                    dynamics.eval_sums(model(chunk[:, :-1], chunk[:, 1:], reduction="none")[1])
+                    dynamics.eval_sums(model(chunk[:, :-1], chunk[:, 1:], reduction="none", top1=True)[1])
         results = {"val": dynamics.capture(model, val, suffixes, batch_size=25, evaluate=fused),
                    "train": dynamics.capture(model, train_rows, suffixes, batch_size=25)}
         with tempfile.TemporaryDirectory() as run:
             tmp = checkpoint.begin(run, 1)
             for split, result in results.items():
                 dynamics.save(result, os.path.join(tmp, "learning_dynamics"), split)
-            save_pretrained(model, tmp)
+            save_pretrained(model, tmp, llama=True)  # (train.py decides it once, at start-up)
             torch.save({"optimizer": opt.state_dict()}, os.path.join(tmp, "training_state.pt"))
             checkpoint.write_manifest(tmp, 1)
             checkpoint.commit(run, 1, tmp)

@@ -101,6 +101,41 @@ def commit(run_dir, step, tmp):
     return final
 
 
+def save(run_dir, step, write, optimizer, groups, zero=False):
+    """Save a checkpoint atomically; a collective (every rank calls it). Every rank gives its RNG
+    state and (under ZeRO-2) its shards of the optimizer state; rank 0 calls write(folder,
+    optimizer_state, rng) to fill a temporary folder, lists it in the manifest, and seals it as
+    step_<step>. Returns None, or on every rank the one line that says why it could not be written
+    (a full disk, say), with nothing half-written left behind."""
+    import torch.distributed as dist
+    from safetensors import SafetensorError
+    is_dist = dist.is_available() and dist.is_initialized()
+    master = not is_dist or dist.get_rank() == 0
+    folder = [begin(run_dir, step) if master else None]
+    rng = [None] * (dist.get_world_size() if is_dist else 1)
+    if is_dist:
+        dist.broadcast_object_list(folder)
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    # AdamW's state_dict on every backend (under ZeRO-2 gathered from the ranks' shards; rank 0 keeps it)
+    state = optimizer_state(optimizer, groups, zero=zero, keep=master)
+    failed = [None]
+    if master:
+        try:
+            write(folder[0], state, rng)
+            write_manifest(folder[0], step)
+            commit(run_dir, step, folder[0])
+        except (OSError, RuntimeError, SafetensorError) as e:  # (torch.save and safetensors wrap OSErrors)
+            shutil.rmtree(folder[0], ignore_errors=True)
+            free = shutil.disk_usage(run_dir).free / 2**30
+            failed[0] = (f"step {step}: the checkpoint could not be written ({str(e).splitlines()[0][:200]}; "
+                         f"{free:.1f} GiB free)")
+    if is_dist:
+        dist.broadcast_object_list(failed)
+    return failed[0]
+
+
 def point_latest(run_dir, step):
     """Switch `latest` to step_<step> atomically (a new link renamed over the old one)."""
     link = os.path.join(checkpoints_dir(run_dir), ".latest.tmp")
@@ -146,6 +181,65 @@ def lock_run(run_dir):
     return fd
 
 
+def open_run(run_dir, auto_resume, device="cpu"):
+    """Make the run folder ready, on every rank (collective), before anything is written in it:
+    rank 0 takes the run's lock and refuses links pico-train does not make; auto_resume=False
+    moves a run already there aside (it is never overwritten), to <run_dir>.set-aside-<n>; and
+    every rank checks that it sees the folder rank 0 made (runs_dir must be one filesystem shared
+    by every node). Returns (the lock's file descriptor, the set-aside folder or None) on rank 0,
+    (None, None) elsewhere; a refusal is a CheckpointError on every rank."""
+    import secrets
+    import time
+
+    import torch.distributed as dist
+    is_dist = dist.is_available() and dist.is_initialized()
+    master = not is_dist or dist.get_rank() == 0
+    refused, lock, set_aside = [None], None, None
+    if master:
+        try:  # one run at a time in a run folder (a requeued job while the old one still runs)
+            os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
+            lock = lock_run(run_dir)
+            if auto_resume and (links := foreign_links(run_dir)):
+                refused[0] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does "
+                              f"not make there: it never writes or uploads through one. Replace it by the file "
+                              f"itself, or remove it")
+        except CheckpointError as e:
+            refused[0] = str(e)
+    if is_dist:
+        dist.broadcast_object_list(refused)
+    if refused[0]:
+        raise CheckpointError(refused[0])
+    if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
+                         if not os.path.exists(f"{run_dir}.set-aside-{n}"))
+        os.rename(run_dir, set_aside)
+    made = master and not os.path.isdir(run_dir)
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+    if is_dist:  # each rank looks for a file rank 0 has just made there
+        mark = [f".rank0-{secrets.token_hex(8)}" if master else None]
+        dist.broadcast_object_list(mark)
+        mark = os.path.join(run_dir, mark[0])
+        if master:
+            open(mark, "w").close()
+        dist.barrier()
+        for _ in range(20):  # a network filesystem may show a new file to other nodes a moment late
+            if os.path.isdir(run_dir) and os.path.basename(mark) in os.listdir(run_dir):
+                break
+            time.sleep(0.5)
+        unseen = torch.tensor([0 if os.path.exists(mark) else 1], device=device)
+        dist.all_reduce(unseen)
+        if master:
+            os.remove(mark)
+            if unseen.item() and made:
+                os.rmdir(run_dir)
+        if unseen.item():
+            raise CheckpointError(f"{unseen.item()} of {dist.get_world_size()} ranks cannot see the run folder "
+                                  f"{os.path.abspath(run_dir)} that rank 0 made: runs_dir must be on a filesystem "
+                                  f"that every node shares (NFS, Lustre, ...)")
+    return lock, set_aside
+
+
 def read_metrics(run_dir):
     """(rows of logs/metrics.jsonl, how many lines were not JSON rows and were passed over: a crash
     mid-write leaves a partial last line)."""
@@ -163,6 +257,18 @@ def read_metrics(run_dir):
                 else:
                     bad += 1
     return rows, bad
+
+
+def keep_metrics_until(run_dir, step):
+    """Drop the rows of logs/metrics.jsonl after `step` (a resumed run redoes those steps), and lines
+    that are not rows; returns how many of those there were. Rank 0 only."""
+    rows, unreadable = read_metrics(run_dir)
+    path = os.path.join(run_dir, "logs", "metrics.jsonl")
+    if rows or unreadable:
+        with open(path + ".tmp", "w") as f:  # then renamed over it: a crash leaves one or the other
+            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+        os.replace(path + ".tmp", path)
+    return unreadable
 
 
 def foreign_links(run_dir):
@@ -235,6 +341,51 @@ def latest(run_dir, log=print):
         raise CheckpointError(f"{link} points at {target}, which {what}; {_fix(run_dir, target)}")
     verify(path, fix=_fix(run_dir, target))
     return path
+
+
+def find(run_dir, log=print):
+    """The checkpoint a run resumes from, or None for a new run; a collective (every rank calls it).
+    Rank 0 removes what a crash left mid-save, then checks checkpoints/latest against its manifest
+    (sizes and sha256) and for pickled code, without loading any of it, once for every rank; a
+    checkpoint that cannot be loaded is a CheckpointError on every rank."""
+    import torch.distributed as dist
+    is_dist = dist.is_available() and dist.is_initialized()
+    verdict = [None, None]  # (the checkpoint folder, or why it cannot be loaded)
+    if not is_dist or dist.get_rank() == 0:
+        for stale in clean_partial(run_dir):
+            log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
+        try:
+            verdict[0] = latest(run_dir, log=log)
+            if verdict[0]:
+                scan(verdict[0])
+        except CheckpointError as e:
+            verdict[1] = str(e)
+    if is_dist:
+        dist.broadcast_object_list(verdict)
+    if verdict[1]:
+        raise CheckpointError(verdict[1])
+    return verdict[0]
+
+
+def read(folder, n_params):
+    """A checkpoint folder's training state and weights ({name: tensor}), read without running any
+    code and checked before any of it is used. Every rank reads; the training state is memory-mapped,
+    so under ZeRO-2 each rank reads only its own shards of the optimizer state. The folder was
+    checked against its manifest and scanned for pickled code first (latest(), scan())."""
+    from model import load_pretrained
+    state_file = os.path.join(folder, "training_state.pt")
+    state = load_state(state_file, mmap=True)
+    check_training_state(state, state_file, int(os.path.basename(folder)[5:]))
+    check_optimizer_state(state["optimizer"], n_params, state_file)
+    try:
+        weights = load_pretrained(folder).state_dict()
+    except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
+        raise CheckpointError(f"{folder}/model.safetensors (or config.json) cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:200]}); point checkpoints/latest at another step_<N>") from None
+    if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+        raise CheckpointError(f"{folder}/model.safetensors holds NaN or inf weights, so it is not resumed; point "
+                              f"checkpoints/latest at an earlier step_<N>")
+    return state, weights
 
 
 def read_manifest(path):
@@ -434,6 +585,8 @@ def set_rng_state(state):
 
 
 def compare_configs(saved, current, must_match):
-    """(keys that forbid resuming, harmless keys) that differ between two flat configs."""
+    """How two flat configs differ: (the keys in must_match that differ, saying how, or "";
+    the other keys that differ, saying how, or "")."""
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return [k for k in differ if k in must_match], [k for k in differ if k not in must_match]
+    bad = ", ".join(f"{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in differ if k in must_match)
+    return bad, ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ if k not in must_match)

@@ -20,6 +20,8 @@ import textwrap
 
 import yaml
 
+from schedules import SCHEDULES
+
 TYPES = (bool, int, float, str, list, type(None))
 
 RULE = "# " + "-" * 77 + "\n"  # the line above and below a script's settings block
@@ -66,9 +68,37 @@ def check_type(key, value, default):
     return float(value) if isinstance(default, float) else value
 
 
+# names other trainers give some of these settings (nanoGPT, transformers' Trainer and Llama config, Lightning)
+ELSEWHERE = {
+    "lr": ["learning_rate", "max_lr"], "lr_warmup_steps": ["warmup_steps", "warmup_iters", "num_warmup_steps"],
+    "max_steps": ["max_iters", "num_steps", "train_steps", "num_train_steps", "total_steps", "lr_decay_iters"],
+    "min_lr_ratio": ["min_lr"], "lr_scheduler": ["lr_scheduler_type", "lr_schedule", "scheduler"],
+    "adam_beta1": ["beta1"], "adam_beta2": ["beta2"], "adam_eps": ["adam_epsilon", "eps"],
+    "grad_clip": ["max_grad_norm", "clip_grad", "gradient_clipping", "clip_grad_norm"],
+    "gradient_accumulation_steps": ["grad_accum", "accumulate_grad_batches", "gradient_accumulation"],
+    "batch_size": ["per_device_train_batch_size", "train_batch_size", "global_batch_size", "micro_batch_size"],
+    "d_model": ["n_embd", "hidden_size", "dim", "d_embed"], "n_layers": ["n_layer", "num_hidden_layers", "num_layers"],
+    "attention_n_heads": ["n_head", "n_heads", "num_attention_heads"],
+    "attention_n_kv_heads": ["n_kv_head", "n_kv_heads", "num_key_value_heads"],
+    "activation_hidden_dim": ["intermediate_size", "ffn_dim", "hidden_dim", "d_ff"],
+    "max_seq_len": ["block_size", "seq_len", "context_length", "max_position_embeddings", "sequence_length"],
+    "norm_eps": ["rms_norm_eps", "layer_norm_eps"], "position_emb_theta": ["rope_theta", "rope_base"],
+    "runs_dir": ["out_dir", "output_dir"], "eval_every_n_steps": ["eval_interval", "eval_steps"],
+    "log_every_n_steps": ["log_interval", "logging_steps"], "save_every_n_steps": ["save_steps", "checkpoint_every"],
+    "save_to_wandb": ["wandb_log", "report_to"], "precision": ["dtype", "mixed_precision", "bf16"],
+    "auto_resume": ["resume", "resume_from_checkpoint"], "dataset_name": ["dataset", "dataset_path"],
+}
+
+
 def unknown(key, names):
+    here = [ours for ours, theirs in ELSEWHERE.items() if key.lower() in theirs]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see the settings at the top of train.py"
+    if here:
+        hint = f"; here it is {here[0]} (python train.py --help says what each setting means)"
+    elif close:
+        hint = f"; did you mean {', '.join(close)}?"
+    else:
+        hint = "; see the settings at the top of train.py"
     return SystemExit(f"config error: unknown setting {key!r}{hint}")
 
 
@@ -173,6 +203,15 @@ def nested(config, script):
     return out
 
 
+def write_yaml(config, script, path, **written_only):
+    """training_config.yaml (nested(), plus the WRITTEN_ONLY values given), replaced atomically."""
+    tree = nested(config, script)
+    tree["training"].update(written_only)
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(tree, f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
 def describe(config, script):
     """The settings as a person reads them: a few lines per section of training_config.yaml."""
     lines = []
@@ -230,10 +269,10 @@ def refuse_unworkable(s):
         value = s[name]
         if value is not None and (isinstance(value, (bool, str, list)) or value < least):
             raise SystemExit(f"config error: {name} must be a number of at least {least}, got {value!r}{hint}")
-    for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+    for name in ("adam_beta1", "adam_beta2", "min_lr_ratio", "lr_decay_fraction"):
         value = s[name]
-        if not 0 <= value <= 1 or (name != "min_lr_ratio" and value == 1):
-            bound = "at most" if name == "min_lr_ratio" else "below"
+        if not 0 <= value <= 1 or (name.startswith("adam") and value == 1):
+            bound = "below" if name.startswith("adam") else "at most"
             raise SystemExit(f"config error: {name} must be at least 0 and {bound} 1, got {value!r}")
     if not adam_eps > 0:
         raise SystemExit(f"config error: adam_eps must be above 0 (it keeps AdamW's division finite), got {adam_eps!r}")
@@ -246,9 +285,12 @@ def refuse_unworkable(s):
     if run_name is not None and (run_name in ("", ".") or ".." in run_name or "/" in run_name or os.sep in run_name):
         raise SystemExit(f"config error: run_name {run_name!r} must be a plain folder name (no '/', no '..', not "
                          f"empty): the run is written to runs_dir/run_name")
+    if s["save_to_hf"] and not s["hf_repo_id"]:
+        raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise SystemExit(f"config error: device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
     if precision not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"config error: precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-    if lr_scheduler not in ("linear_with_warmup", "cosine"):
-        raise SystemExit(f"config error: lr_scheduler must be 'linear_with_warmup' or 'cosine', got {lr_scheduler!r}")
+    if lr_scheduler not in SCHEDULES:
+        raise SystemExit(f"config error: lr_scheduler must be one of {', '.join(map(repr, SCHEDULES))} (schedules.py), "
+                         f"got {lr_scheduler!r}")

@@ -593,6 +593,14 @@ def load_tokenizer(path=TOKENIZER_PATH):
                         f"tokenizer_path to a tokenizer.json, or leave it None for the OLMo tokenizer") from None
 
 
+def save_tokenizer(tokenizer, folder, max_seq_len):
+    """tokenizer.json and the tokenizer_config.json with which transformers' AutoTokenizer reads it."""
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
+
+
 def pack_documents(token_lists, row_len=ROW_LEN):
     """Concatenate documents, each followed by EOS, and cut the stream into rows of row_len tokens
     (the last, incomplete row is dropped), as pico-lm built pretokenized-dolma."""

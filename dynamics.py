@@ -22,6 +22,7 @@ gradients are untouched), rows are read without moving the data stream, and noth
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -44,15 +45,38 @@ def find_layers(model, layer_suffixes):
     return layers
 
 
-def eval_sums(losses):
-    """What an evaluation adds up over a batch of per-token losses (B, T), in float64: the sum of
-    per-row perplexities (paloma is their mean), rows, the sum of token losses, tokens."""
-    sums = torch.zeros(4, dtype=torch.float64, device=losses.device)
-    sums[0] += losses.mean(1).exp().sum()
-    sums[1] += len(losses)
-    sums[2] += losses.sum()
-    sums[3] += losses.numel()
-    return sums
+def eval_sums(per_token):
+    """An evaluation's numbers for one batch, by name, from its per-token results (the model's
+    reduction="none" with top1=True): each a float64 [sum, count], so that batches and ranks add
+    up and the number reported is sum / count (eval_results). A metric that needs only the losses
+    is one line here; one that needs the logits is also a flag in model.head_losses, as top1 is."""
+    losses = per_token["loss"]  # (B, T)
+    sums = {"loss": (losses.sum(), losses.numel()),  # cross-entropy per token
+            "paloma": (losses.mean(1).exp().sum(), len(losses)),  # mean per-sequence perplexity (pico-train's)
+            "top1_accuracy": (per_token["top1"].sum(), losses.numel())}  # the target was the most likely token
+    return {k: torch.stack([s.double(), torch.tensor(n, dtype=torch.float64, device=s.device)])
+            for k, (s, n) in sums.items()}
+
+
+def add_sums(totals, sums):
+    """Two sets of eval_sums() added by name ({} adds nothing)."""
+    return {k: totals.get(k, 0) + sums.get(k, 0) for k in {**totals, **sums}}
+
+
+def eval_results(totals, dataset):
+    """What an evaluation reports: eval_sums() added up over this rank's rows, then over the ranks
+    (a collective: every rank calls it; a rank that had no rows brings {}), as sum / count per
+    number, with the perplexity exp(loss), the rows and the data set's name."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, {k: v.cpu() for k, v in totals.items()})
+        totals = {}
+        for theirs in everyone:
+            totals = add_sums(totals, theirs)
+    sums = dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True))  # {name: [sum, count]}
+    loss = sums["loss"][0] / sums["loss"][1]
+    return {**{k: s / n for k, (s, n) in sums.items()}, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "rows": int(sums["paloma"][1]), "dataset": dataset}
 
 
 def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, world_size=1,
@@ -60,8 +84,8 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
     """Activations, weights and gradients of the chosen layers over the rows of `seqs` (an (N, L)
     int64 array: inputs row[:-1], targets row[1:]). Rows are split into contiguous blocks over
     the ranks and processed batch_size at a time; every rank returns the full result in row order.
-    evaluate: also result["eval"], the sums an evaluation of these rows reports, from the same
-    forward pass: [sum of per-row perplexities, rows, sum of token losses, tokens] over all ranks."""
+    evaluate: also result["eval"], this rank's eval_sums() of its rows from the same forward pass
+    (eval_results() adds them over the ranks and gives the evaluation's numbers)."""
     layers = find_layers(model, layer_suffixes)
     names = list(layers)
     weights = [layers[n].weight for n in names]
@@ -74,15 +98,16 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
         lambda m, inp, out, n=n: acts[n].append(out[:, sequence_idx].detach().float()))
         for n in names]
     grads = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-    totals = torch.zeros(4, dtype=torch.float64, device=weights[0].device)  # as train.py's evaluate() sums
+    totals = {}  # eval_sums of this rank's rows, as train.py's evaluate() adds them
     head_grad = any(w is model.de_embedding_proj.weight for w in weights)  # else the head's weight gradient is waste
     try:
         for i in range(lo, hi, batch_size):
             rows = torch.from_numpy(seqs[i:min(i + batch_size, hi)]).to(device)
             with autocast or torch.autocast("cpu", enabled=False):
-                _, (loss, losses) = model(rows[:, :-1], rows[:, 1:], reduction="both", head_grad=head_grad)
+                _, (loss, per_token) = model(rows[:, :-1], rows[:, 1:], reduction="both", head_grad=head_grad,
+                                             top1=evaluate)
             if evaluate:
-                totals += eval_sums(losses)
+                totals = add_sums(totals, eval_sums(per_token))
             # weight each sub-batch mean by its share of all N rows' tokens: the sum over
             # sub-batches and ranks is the gradient of the mean over all N rows
             share = rows[:, 1:].numel() / n_tokens
@@ -99,8 +124,6 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
     if world_size > 1:
         for g in grads:
             dist.all_reduce(g)
-        if evaluate:
-            dist.all_reduce(totals)
         blocks = [None] * world_size
         dist.all_gather_object(blocks, local.cpu())  # blocks arrive in rank order = row order
         local = torch.cat(blocks)
@@ -111,7 +134,7 @@ def capture(model, seqs, layer_suffixes, sequence_idx=-1, batch_size=8, rank=0, 
         "gradients": {n: g.cpu() for n, g in zip(names, grads, strict=True)},
     }
     if evaluate:
-        result["eval"] = totals.tolist()
+        result["eval"] = totals
     assert all(a.shape[0] == n_rows for a in result["activations"].values())
     return result
 
@@ -220,6 +243,10 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
+EVAL_LABELS = {"paloma": "paloma (mean per-sequence perplexity)",
+               "top1_accuracy": "top-1 accuracy (the next token ranked first)"}
+
+
 def plot(run_dir):
     """PNG figures and the CSV behind each into runs/<run>/plots/, from the run folder alone."""
     import json
@@ -256,7 +283,10 @@ def plot(run_dir):
     for e in evals:
         by_step.setdefault(e["step"], {}).update({f"eval_{k}": v for k, v in e.items() if k != "step"})
     write_csv(os.path.join(out, "loss.csv"), [{"step": s, **v} for s, v in sorted(by_step.items())])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    # the loss, then a panel for each other number the evaluations have (dynamics.eval_sums names them)
+    others = list(dict.fromkeys(k for e in evals for k in e if k not in ("step", "loss", "perplexity")))
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5.5 * (1 + len(others)), 4), squeeze=False)
+    ax1 = axes[0][0]
     if train:
         ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
         lr_ax = ax1.twinx()
@@ -264,12 +294,16 @@ def plot(run_dir):
         lr_ax.set_ylabel("learning rate")
     if evals:
         ax1.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="evaluation loss")
-        ax2.plot([e["step"] for e in evals], [e["paloma"] for e in evals], "o-", color="C2")
-        ax2.set_yscale("log")
     ax1.set(xlabel="step", ylabel="loss (nats per token)", title="loss")
     ax1.legend(loc="lower left")
-    ax2.set(xlabel="step", ylabel="paloma (mean per-sequence perplexity)", title="evaluation")
-    for ax in (ax1, ax2):
+    for ax, name in zip(axes[0][1:], others, strict=True):
+        points = [(e["step"], e[name]) for e in evals if name in e]
+        ax.plot(*zip(*points, strict=True), "o-", color="C2")
+        values = [v for _, v in points]
+        if min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # (paloma: perplexities fall by orders of magnitude)
+        ax.set(xlabel="step", ylabel=EVAL_LABELS.get(name, name.replace("_", " ")), title=f"evaluation: {name}")
+    for ax in axes[0]:
         scale(ax)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=100)

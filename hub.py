@@ -5,7 +5,7 @@ A run pushes to the model repo `hf_repo_id`, on a branch named after the run. Ev
 becomes a few commits, one per kind of artefact, titled as pico-train titles them (pico-analyze
 finds steps by these titles):
 
-    Saving HF Model -- Step N                    config.json, model.safetensors, ...
+    Saving HF Model -- Step N                    config.json, model.safetensors, ... (model.py: not Llama)
     Saving Tokenizer -- Step 0                   tokenizer.json, tokenizer_config.json
     Saving Training Config -- Step 0             training_config.yaml
     Saving Fabric Checkpoint -- Step N           training_state/ (optimizer, data position, RNG)
@@ -38,7 +38,7 @@ import time
 
 TITLE_RE = re.compile(r"^(.*) -- Step (\d+)$")
 # what each commit holds: (title, files of the checkpoint folder, where they go in the repo)
-MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors"]
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.py"]  # model.py: not a Llama
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
 WHAT = {  # for `download --what`: the commit title and the repo paths it holds
     "model": ("Saving HF Model", MODEL_FILES),
@@ -130,7 +130,8 @@ def plan_commits(run_dir, step):
     def files(names):
         return {n: os.path.join(step_dir, n) for n in names if plain(os.path.join(step_dir, n))}
 
-    commits = [{"title": f"Saving HF Model -- Step {step}", "files": files(MODEL_FILES), "delete": []}]
+    commits = [{"title": f"Saving HF Model -- Step {step}", "files": files(MODEL_FILES),
+                "delete": ["model.py"]}]  # (a Llama checkpoint after a changed model's has none)
     if step == 0:
         if files(TOKENIZER_FILES):
             commits.append({"title": "Saving Tokenizer -- Step 0", "files": files(TOKENIZER_FILES), "delete": []})

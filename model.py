@@ -7,17 +7,27 @@ The pico-decoder: a Llama-style decoder-only transformer in plain PyTorch.
 
 Module names follow pico-train (`layers.3.attention.v_proj`, `layers.3.swiglu.w_2`, ...) because
 the learning-dynamics config (`layer_suffixes`) refers to them. The file also saves and loads
-Hugging Face checkpoints: our own (a plain Llama model that transformers loads without remote code)
-and pico-train's published ones.
+Hugging Face checkpoints: our own (below) and pico-train's published ones.
 
-The export contract: a training checkpoint IS the Llama export. save_pretrained() writes this
-model's weights under transformers' LlamaForCausalLM names (_HF_NAMES, at the end of the file) and
-every checkpoint, resume and Hub upload goes through it. So a change to the blocks is a change to
-the export: a new weight (a LayerNorm's bias, a learned position table) has no Llama name, and
-train.py refuses it at start-up naming export_names(); a change that keeps the names but not the
-maths (LayerNorm for RMSNorm, another activation) would export a model that Llama computes
-differently. tests/test_model.py::test_logits_match_transformers_llama guards the contract: run it
-after any change here, and give a new architecture its own export (and loader) before training it.
+Checkpoints come in one of two formats, chosen by what the model computes (why_not_llama):
+- the Llama export, while the model is exactly Llama: save_pretrained() writes its weights under
+  transformers' LlamaForCausalLM names (_HF_NAMES, at the end of the file) with a Llama config.json,
+  so transformers loads every checkpoint, no remote code;
+- the pico-decoder's own format, once model.py is changed so that it is not (a LayerNorm, another
+  activation, a new weight): this file's weight names, a config.json of model_type
+  "pico_decoder_own" holding the ModelConfig, and a copy of the model.py that wrote it.
+  load_pretrained() reads it back with that model.py; transformers does not load it at all.
+So any change to the blocks trains, checkpoints and resumes as it is, with no setting to change.
+
+How why_not_llama() decides, at every start-up (a few milliseconds to a second: it never touches the
+run's model): it builds a small model of the same class (PROBE: 2 layers, 4 query and 2 KV heads,
+vocabulary 64; norm_eps, theta, max_seq_len and any setting a fork adds are the run's), gives every
+weight random values (the norms' gains too, so a changed gain shows), and compares its float64 logits
+on max_seq_len random tokens with llama_logits(), Llama written out from its definition, on the
+same weights under their Llama names. The model is Llama only if every weight has a Llama name,
+every Llama weight is there, and the logits agree to 1e-6 of their scale. Names alone never decide:
+F.gelu for F.silu keeps every name and fails on the logits. It cannot see a change that shows only
+at other sizes than the probe's (say, in layers past the second), nor one under 1e-6 of the logits.
 
 Initialisation: PyTorch's module defaults, exactly as pico-train trains its published models
 (nn.Embedding ~ N(0, 1), nn.Linear weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), norm weights 1).
@@ -25,8 +35,10 @@ We add no custom init on purpose, so runs are comparable with the pico-decoder s
 """
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, fields
+import shutil
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -82,7 +94,7 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, with the statistics in fp32 even when x is bf16."""
+    """x / rms(x) * weight, with the statistics in fp32 at least (when x is bf16, say)."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -90,7 +102,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
@@ -106,7 +118,9 @@ def rope_tables(head_dim, max_seq_len, theta):
 def apply_rope(x, cos, sin):
     """Rotate x (B, H, T, hd) by position. We pair dimension i with i + hd/2 ("halves", as
     transformers' Llama does); pico-train pairs 2i with 2i+1 ("interleaved"). The two are the same
-    model up to a fixed permutation of q/k rows, which load_pretrained() applies at import."""
+    model up to a fixed permutation of q/k rows, which load_pretrained() applies at import.
+    Only queries and keys turn: their dot product then depends on the distance between two positions
+    alone; values carry content, and turning them would only garble what attention mixes."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -203,8 +217,7 @@ class Block(nn.Module):
 
 
 class PicoDecoder(nn.Module):
-    """The whole model. Every weight made here must have a Llama name in _HF_NAMES: the training
-    checkpoint is the Llama export (the contract at the top of this file)."""
+    """The whole model. Change anything: the checkpoints follow (their two formats: the top of this file)."""
 
     def __init__(self, config):
         super().__init__()
@@ -218,12 +231,13 @@ class PicoDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean", head_grad=True):
-        """input_ids (B, T) -> (logits (B, T, vocab), None) without targets;
-        (None, mean cross-entropy) with targets (B, T), (None, per-token losses (B, T)) with
-        reduction="none", or (None, (mean, per-token losses)) with reduction="both" (the mean carries
-        the gradient, as with "mean"): with targets the full logits are never materialised
-        (LinearCrossEntropy, the same numbers as F.cross_entropy, computed in chunks).
+    def forward(self, input_ids, targets=None, kv_cache=None, reduction="mean", head_grad=True, top1=False):
+        """input_ids (B, T) -> (logits (B, T, vocab), None) without targets. With targets (B, T):
+        (None, mean cross-entropy); reduction="none": (None, per-token results); reduction="both":
+        (None, (mean, per-token results)), where the mean carries the gradient, as with "mean". The
+        per-token results are {"loss": (B, T) cross-entropies} and, with top1=True, "top1": (B, T),
+        whether the target was the most likely token. With targets the full logits are never
+        materialised (LinearCrossEntropy, the same numbers as F.cross_entropy, computed in chunks).
         head_grad=False: no gradient for the output head's weight (a capture that does not need it
         skips a third of the head's work; the other gradients are the same to the bit).
         With a KVCache, input_ids are the tokens after those already cached."""
@@ -246,15 +260,21 @@ class PicoDecoder(nn.Module):
         h, t, w = x.reshape(B * T, -1), targets.reshape(B * T), self.de_embedding_proj.weight
         w = w if head_grad else w.detach()
         chunk = 4096 if h.is_cuda else 256  # tokens per chunk: the logits buffer is 256 x V (51 MB) on CPU
-        if reduction == "none":
-            if not torch.is_grad_enabled():  # evaluation: the same chunked loop, no gradients
-                return None, head_losses(h, w, t, chunk)[1].view(B, T)
-            losses = [F.cross_entropy((h[i:i + chunk] @ w.t()).float(), t[i:i + chunk], reduction="none")
-                      for i in range(0, B * T, chunk)]
-            return None, torch.cat(losses).view(B, T)
-        # the same as F.cross_entropy(h @ w.t(), t), chunked: the (B*T, vocab) logits never exist at once
-        loss, token_losses = LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled())
-        return None, (loss, token_losses.view(B, T)) if reduction == "both" else loss
+        if reduction == "none" and torch.is_grad_enabled():  # per-token losses that carry gradients
+            logits = [(h[i:i + chunk] @ w.t()).float() for i in range(0, B * T, chunk)]
+            per_token = {"loss": torch.cat([F.cross_entropy(z, t[i * chunk:(i + 1) * chunk], reduction="none")
+                                            for i, z in enumerate(logits)]).view(B, T)}
+            if top1:
+                per_token["top1"] = (torch.cat([z.argmax(1) for z in logits]) == t).view(B, T)
+            return None, per_token
+        if reduction == "none":  # evaluation: the same chunked loop, no gradients
+            _, losses, _, _, hits = head_losses(h, w, t, chunk, top1=top1)
+        else:  # the same as F.cross_entropy(h @ w.t(), t), chunked: the (B*T, vocab) logits never exist at once
+            loss, losses, hits = LinearCrossEntropy.apply(h, w, t, chunk, torch.is_grad_enabled(), top1)
+            if reduction == "mean":
+                return None, loss
+        per_token = {"loss": losses.view(B, T), **({"top1": hits.view(B, T)} if top1 else {})}
+        return None, (loss, per_token) if reduction == "both" else per_token
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, eos_token_id=None):
@@ -317,26 +337,28 @@ class LinearCrossEntropy(torch.autograd.Function):
     50 MB tensor per chunk would cost. Targets equal to -100 are ignored, as in F.cross_entropy."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
+    def forward(ctx, h, weight, targets, chunk, grad_enabled=True, top1=False):
         # grad_enabled: torch.is_grad_enabled() where the caller stands (inside forward it is
         # always off); without it an evaluation would compute gradients it never uses
         need = (grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1])
-        loss, token_losses, grad_h, grad_w = head_losses(h, weight, targets, chunk, *need)
+        loss, token_losses, grad_h, grad_w, hits = head_losses(h, weight, targets, chunk, *need, top1=top1)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(token_losses)  # a by-product for evaluation; the gradient is the mean's
-        return loss, token_losses
+        return loss, token_losses, hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _):
+    def backward(ctx, grad_loss, *_):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
 
 
-def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False):
+def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False, top1=False):
     """The loop behind LinearCrossEntropy: (mean loss, per-token losses (N,), d mean / d h,
-    d mean / d weight), each gradient only if asked for. h (N, d), weight (V, d), targets (N,).
+    d mean / d weight, whether each target was the most likely token (N,)), each gradient and the
+    last only if asked for. h (N, d), weight (V, d), targets (N,). A per-token result that needs
+    the logits is computed here, chunk by chunk, as top1 is.
     Under autocast the matmuls run in its dtype (bf16), chosen here explicitly; the softmax and
     the losses are always fp32."""
     device = h.device.type
@@ -349,6 +371,7 @@ def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False)
     need_grad = need_grad_h or need_grad_w
     grad_h = torch.empty_like(h) if need_grad_h else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad_w else None
+    hits = torch.zeros(h.size(0), device=h.device, dtype=torch.bool) if top1 else None
     with torch.no_grad(), torch.autocast(device, enabled=False):
         h_, w = h.to(dtype), weight.to(dtype)
         buffer = torch.empty(min(chunk, h.size(0)), w.size(0), device=h.device, dtype=dtype)
@@ -357,6 +380,8 @@ def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False)
             hc, tc, wc = h_[i:i + chunk], targets[i:i + chunk], weights[i:i + chunk]
             n = hc.size(0)
             z = torch.mm(hc, w.t(), out=buffer[:n]).float()  # logits (n, V)
+            if top1:
+                hits[i:i + n] = (z.argmax(1) == tc) & valid[i:i + n]
             z_max = z.amax(1, keepdim=True)
             z_target = z.gather(1, tc[:, None])
             p = z.sub_(z_max).exp_()  # exp(logits - max), in place
@@ -373,7 +398,7 @@ def head_losses(h, weight, targets, chunk, need_grad_h=False, need_grad_w=False)
                     grad_w.addmm_(g.t(), hc)  # in place: no (V, d) temporary per chunk
                 elif need_grad_w:
                     grad_w += g.t() @ hc  # bf16 product, accumulated in fp32
-    return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w
+    return loss, token_losses.masked_fill_(~valid, 0.0), grad_h, grad_w, hits
 
 
 # dense bf16 peaks per GPU (NVIDIA's data sheets give twice these, "with sparsity"); the PCIe and
@@ -390,8 +415,8 @@ def gpu_peak_flops(device_name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face checkpoints. Our own are plain Llama checkpoints (transformers' LlamaForCausalLM,
-# no remote code); pico-train's are `pico_decoder.`-prefixed keys with interleaved RoPE.
+# Hugging Face checkpoints. Our own are the Llama export while the model is Llama, else our own
+# format (the top of this file); pico-train's are `pico_decoder.`-prefixed keys with interleaved RoPE.
 
 EOS_TOKEN_ID, PAD_TOKEN_ID = 50279, 1  # <|endoftext|> and <|padding|> of the OLMo tokenizer
 
@@ -419,18 +444,82 @@ def _name_map(n_layers):
     return pairs
 
 
-def export_names(model):
-    """{our weight name: its Llama name} for every weight of `model`; a weight the Llama export has
-    no name for (the model was changed: see the export contract at the top of this file) is a
-    ValueError that names it."""
-    names = _name_map(model.config.n_layers)
-    unknown = [k for k in model.state_dict() if k not in names]
-    if unknown:
-        raise ValueError(f"the model has weights that the Llama export (model._HF_NAMES) does not name: "
-                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. A change to the blocks is "
-                         f"a change to the export: give them Llama names there (if transformers' Llama has them) "
-                         f"and check with tests/test_model.py::test_logits_match_transformers_llama")
-    return names
+# the small model why_not_llama() builds of the model's class (the other settings are the run's)
+PROBE = dict(d_model=32, n_layers=2, vocab_size=64, attention_n_heads=4, attention_n_kv_heads=2,
+             activation_hidden_dim=48)
+
+
+def llama_logits(weights, config, input_ids):
+    """Llama's logits, written out from its definition (transformers' LlamaForCausalLM; checked
+    against it by tests/test_model.py), for weights under their Llama names: the reference that
+    why_not_llama() holds the model to. Plain on purpose: an explicit mask, repeated KV heads."""
+    (B, T), c = input_ids.shape, config
+    H, KV, hd = c.attention_n_heads, c.attention_n_kv_heads, c.head_dim
+    w = weights["model.embed_tokens.weight"]
+    # RoPE tables in fp32, as transformers makes them: rotate (x_i, x_{i + hd/2}) by position x freq_i
+    freq = 1.0 / (c.position_emb_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angle = torch.arange(T, dtype=torch.float32)[:, None] * freq
+    cos, sin = angle.cos().to(w.dtype), angle.sin().to(w.dtype)
+
+    def rope(x):
+        a, b = x[..., :hd // 2], x[..., hd // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+    def rms_norm(x, gain):
+        return gain * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+
+    seen = torch.ones(T, T, dtype=torch.bool).tril()  # position t attends to positions 0..t
+    x = w[input_ids]
+    for i in range(c.n_layers):
+        def p(name, i=i):
+            return weights[f"model.layers.{i}.{name}.weight"]
+        h = rms_norm(x, p("input_layernorm"))
+        q = (h @ p("self_attn.q_proj").T).view(B, T, H, hd).transpose(1, 2)
+        k = (h @ p("self_attn.k_proj").T).view(B, T, KV, hd).transpose(1, 2).repeat_interleave(H // KV, 1)
+        v = (h @ p("self_attn.v_proj").T).view(B, T, KV, hd).transpose(1, 2).repeat_interleave(H // KV, 1)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, attn_mask=seen)  # softmax(q k^T / sqrt(hd)) v
+        x = x + y.transpose(1, 2).reshape(B, T, H * hd) @ p("self_attn.o_proj").T
+        h = rms_norm(x, p("post_attention_layernorm"))
+        x = x + (F.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+    return rms_norm(x, weights["model.norm.weight"]) @ weights["lm_head.weight"].T
+
+
+def _few(names):
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def why_not_llama(model):
+    """None where `model`'s class computes exactly transformers' Llama, so its checkpoints are the
+    Llama export; else why not, in words. How it decides: the top of this file. It leaves `model`
+    and every random generator as they were."""
+    try:
+        config = replace(model.config, **PROBE)
+        with torch.random.fork_rng(devices=[]):
+            probe = type(model)(config).to("cpu", torch.float64).eval()
+    except Exception as e:  # noqa: BLE001 - a changed model.py may fail in any way
+        return f"a small model of its class could not be made to compare with Llama ({type(e).__name__}: {e})"
+    names, state = _name_map(config.n_layers), probe.state_dict()
+    if extra := [k for k in state if k not in names]:
+        return f"its weights {_few(extra)} have no name in transformers' Llama (model._HF_NAMES)"
+    if missing := [k for k in names if k not in state]:
+        return f"it lacks Llama's weights {_few(missing)}"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, v in state.items():
+            r = torch.randn(v.shape, generator=g, dtype=torch.float64)
+            v.copy_(1 + 0.5 * r if v.dim() == 1 else r if names[k] == "model.embed_tokens.weight"
+                    else r / math.sqrt(v.shape[-1]))
+        ids = torch.randint(0, config.vocab_size, (1, config.max_seq_len), generator=g)
+        try:
+            ours = probe(ids)[0]
+        except Exception as e:  # noqa: BLE001
+            return f"its forward pass failed on the small model ({type(e).__name__}: {e})"
+        llama = llama_logits({names[k]: v for k, v in state.items()}, config, ids)
+    diff, scale = (ours - llama).abs().max().item(), llama.abs().max().item()
+    if not diff <= 1e-6 * scale:  # (NaN too)
+        return (f"its weights have Llama's names but it computes something else: on the same weights its "
+                f"logits differ from Llama's by up to {diff:.2g} (of {scale:.2g})")
+    return None
 
 
 def llama_config_dict(config, dtype=torch.float32):
@@ -451,20 +540,39 @@ def llama_config_dict(config, dtype=torch.float32):
     }
 
 
-def save_pretrained(model, path, dtype=None):
-    """Write config.json, generation_config.json and model.safetensors: a Llama checkpoint that
-    transformers loads with AutoModelForCausalLM.from_pretrained(path), no remote code."""
+OWN_FORMAT = "pico_decoder_own"  # config.json's model_type for a model that is not Llama
+
+
+def own_config_dict(config, dtype=torch.float32):
+    """config.json of the pico-decoder's own format: no transformers class reads it."""
+    return {"architectures": ["PicoDecoder"], "model_type": OWN_FORMAT, "pico_decoder": asdict(config),
+            "torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": EOS_TOKEN_ID,
+            "pad_token_id": PAD_TOKEN_ID,
+            "how_to_load": "not a Llama: weights under the names of the model.py saved beside this file; with "
+                           "that model.py importable, `from model import load_pretrained; load_pretrained(folder)`"}
+
+
+def save_pretrained(model, path, dtype=None, llama=None):
+    """Write config.json, generation_config.json and model.safetensors in the format the model calls
+    for (the top of this file): a Llama checkpoint that transformers loads with
+    AutoModelForCausalLM.from_pretrained(path), no remote code, where llama is true; else the own
+    format, with this model.py beside it. llama=None: decided here, by why_not_llama()."""
     from safetensors.torch import save_file  # the standard weights format, torch-only otherwise
 
-    names = export_names(model)  # before anything is written
+    if llama is None:
+        llama = why_not_llama(model) is None
     os.makedirs(path, exist_ok=True)
-    dtype = dtype or model.embedding_proj.weight.dtype
-    state = {names[k]: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    dtype = dtype or next(model.parameters()).dtype
+    names = _name_map(model.config.n_layers) if llama else {k: k for k in model.state_dict()}
+    state = {names[k]: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in model.state_dict().items()}  # (copies: safetensors refuses tied weights' shared memory)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(llama_config_dict(model.config, dtype), f, indent=2)
+        json.dump((llama_config_dict if llama else own_config_dict)(model.config, dtype), f, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID, "do_sample": True}, f, indent=2)
+    if not llama:
+        shutil.copyfile(os.path.abspath(__file__), os.path.join(path, "model.py"))
 
 
 def _interleaved_to_halves(w, n_heads):
@@ -475,8 +583,8 @@ def _interleaved_to_halves(w, n_heads):
 
 
 def load_pretrained(path, device="cpu"):
-    """Load a checkpoint directory (ours / any Llama checkpoint, or pico-train's pico_decoder one)
-    into a PicoDecoder, weights in the dtype they were stored in."""
+    """Load a checkpoint directory (ours in either format, any Llama checkpoint, or pico-train's
+    pico_decoder one) into this model.py's PicoDecoder, weights in the dtype they were stored in."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "config.json")) as f:
@@ -507,18 +615,29 @@ def load_pretrained(path, device="cpu"):
                 state[k] = _interleaved_to_halves(state[k], config.attention_n_heads)
             elif k.endswith("attention.k_proj.weight"):
                 state[k] = _interleaved_to_halves(state[k], config.attention_n_kv_heads)
+    elif kind == OWN_FORMAT:
+        settings = cfg.get("pico_decoder") if isinstance(cfg.get("pico_decoder"), dict) else {}
+        if unknown := sorted(set(settings) - {f.name for f in fields(ModelConfig)}):
+            raise ValueError(f"{path}/config.json has model settings this model.py does not know ({_few(unknown)}): "
+                             f"it was written by another model.py (the one saved beside it)")
+        config, state = ModelConfig(**settings), weights
     else:
-        raise ValueError(f"{path}/config.json: model_type {kind!r} is neither 'llama' (our own "
-                         f"checkpoints) nor 'pico_decoder'/'pico' (pico-train's)")
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is none of 'llama' and {OWN_FORMAT!r} (our "
+                         f"checkpoints) and 'pico_decoder'/'pico' (pico-train's)")
 
     with torch.device("meta"):
         model = PicoDecoder(config)
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        written_by = " (it was written by the model.py saved beside it)" if kind == OWN_FORMAT else ""
+        raise ValueError(f"{path}: weights do not match this model.py's model{written_by}: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, assign=True)
     cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.position_emb_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)  # meta buffers -> real tables
+    if any(t.is_meta for t in model.buffers()):  # a changed model.py made more buffers than the weights:
+        with torch.random.fork_rng(devices=[]):  # build it for real (it computes them) and copy the weights in
+            model = PicoDecoder(config).to(device)
+        model.load_state_dict(state)
     return model

@@ -1,17 +1,15 @@
 """
 Train a pico-decoder. One process:            python train.py config/demo.py
 Data parallel on one node (DDP or ZeRO-2):    torchrun --nproc_per_node=4 train.py config/demo.py
-Override any setting below:                   python train.py config/demo.py --lr=1e-3 --max_steps=50
+An experiment of its own (a new run_name):    python train.py config/demo.py --run_name=lr1e-3 --lr=1e-3
 
 The file reads in the order a run happens: settings, set-up, model, data, the loop, the end.
 """
 
 import contextlib
-import json
+import functools
 import math
 import os
-import secrets
-import shutil
 import signal
 import sys
 import time
@@ -19,14 +17,14 @@ from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
-import yaml
-from safetensors import SafetensorError
 
 import checkpoint
 import configurator
 import data
 import dynamics
-from model import ModelConfig, PicoDecoder, export_names, gpu_peak_flops, load_pretrained, save_pretrained
+import monitor
+import schedules
+from model import ModelConfig, PicoDecoder, gpu_peak_flops, save_pretrained, why_not_llama
 
 # -----------------------------------------------------------------------------
 # settings (pico-train's names and defaults; a config file or --key=value overrides them). Each
@@ -52,7 +50,9 @@ wandb_entity = ""
 dataset_name = "pico-lm/pretokenized-dolma"  # a Hub dataset, a folder/glob of parquet files, or a save_to_disk folder
 dataset_split = "train"
 tokenizer_path = None  # None: the OLMo tokenizer in data/tokenizer (the one dolma was tokenized with)
-batch_size = 1024  # sequences per optimizer step, over all ranks and micro-steps
+# sequences per optimizer step over ALL ranks and micro-steps (pico-train's meaning; nanoGPT's batch_size is
+# per rank and micro-step): each rank feeds batch_size / (gradient_accumulation_steps x ranks) per micro-step
+batch_size = 1024
 data_cache_dir = None  # a Hub dataset's files are downloaded here, once per node (None: the Hugging Face cache)
 # files there that the run has passed are removed while its files take more than this (None: never)
 data_cache_gb = 20.0
@@ -79,9 +79,10 @@ position_emb_theta = 10000.0
 gradient_accumulation_steps = 128
 max_steps = 200_000
 lr = 3e-4
-lr_scheduler = "linear_with_warmup"  # or "cosine"
+lr_scheduler = "linear_with_warmup"  # or "cosine", "wsd" (warmup-stable-decay): schedules.py, SCHEDULES
 lr_warmup_steps = 2500
-min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
+min_lr_ratio = 0.0  # cosine and wsd decay to lr * min_lr_ratio
+lr_decay_fraction = 0.1  # wsd: the rate decays over this last fraction of max_steps, and holds at lr before
 weight_decay = 0.01  # torch's AdamW default, as pico-train; applied to 2-D weights only
 adam_beta1 = 0.9
 adam_beta2 = 0.999
@@ -158,61 +159,32 @@ elif world_size > 1:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout,
                             device_id=torch.device(device) if device_type == "cuda" else None)
 is_dist = dist.is_available() and dist.is_initialized()  # the one flag: is there a process group to talk to
-
-
-def barrier():
-    if is_dist:
-        dist.barrier()
-
-
-def all_ranks_sum(t):
-    if is_dist:
-        dist.all_reduce(t)  # gloo has no AVG: sum, then divide where needed
-    return t
-
-
 tokens_per_step = batch_size * max_seq_len
 
 # the Hub and wandb: their settings are checked now; they start once the run folder exists
 if save_to_hf:
-    if not hf_repo_id:
-        raise SystemExit("config error: save_to_hf=True needs hf_repo_id (e.g. 'your-name/pico-decoder-tiny')")
     if data.hub_offline():
         raise SystemExit("config error: save_to_hf=True needs the network, but HF_HUB_OFFLINE is set")
     os.environ["HF_HUB_OFFLINE"] = "0"  # a local dataset would otherwise switch the Hub client offline
 if save_to_wandb and master:
-    import wandb
-    if os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun") and not (
-            os.environ.get("WANDB_API_KEY") or wandb.login(prompt=False, verify=False)):
-        raise SystemExit("config error: save_to_wandb=True but no wandb key: put `export WANDB_API_KEY=...` in "
-                         ".env, run `wandb login`, or set WANDB_MODE=offline")
-log_file, log_lines = None, []  # logs/train.log opens with the run folder; the lines before it wait here
-
-
-def log(msg, console=True):
-    if master:
-        line = f"[{datetime.now():%H:%M:%S}] {msg}"
-        if console:
-            print(line, flush=True)
-        log_lines.append(line)
-        if log_file:
-            log_file.write("\n".join(log_lines) + "\n")
-            log_file.flush()
-            log_lines.clear()
+    monitor.check_wandb()
+report = monitor.Monitor(master)  # the log, logs/metrics.jsonl and wandb (rank 0)
+log = report.log
 
 
 log(f"{world_size} process(es), {device}, {precision}{precision_note}, "
     f"backend {backend}{'' if is_dist else ' (a world of one)'}; step = {batch_size} sequences x "
     f"{max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
     f"{world_size} ranks x sub-batch {sub_batch}")
+if device_type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > os.cpu_count():
+    log(f"this machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): torch's "
+        f"{torch.get_num_threads()} threads would wait on each other; OMP_NUM_THREADS=1 can train several times faster")
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-try:
-    model_config = ModelConfig(d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                               attention_n_heads=attention_n_heads, attention_n_kv_heads=attention_n_kv_heads,
-                               activation_hidden_dim=activation_hidden_dim, norm_eps=norm_eps,
-                               position_emb_theta=position_emb_theta)
+MODEL_SETTINGS = [k for k, section in configurator.sections(__file__).items() if section == "model"]
+try:  # the settings of the "# model:" section are ModelConfig's fields (a new one: a line in each)
+    model_config = ModelConfig(**{k: globals()[k] for k in MODEL_SETTINGS})
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 torch.manual_seed(seed)
@@ -220,9 +192,9 @@ model = PicoDecoder(model_config).to(device)
 raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
 try:
     dynamics.find_layers(model, layer_suffixes)  # fail now, not at the first checkpoint, on a typo
-    export_names(model)  # every checkpoint is the Llama export (model.py's contract): a weight it cannot name stops now
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
+not_llama = why_not_llama(raw_model)  # what the model computes decides its checkpoints' format (model.py's top)
 # weight decay on the 2-D weights (matrices, embedding) only: decaying the norms' gains pulls them to 0
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -233,7 +205,10 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
 flops_per_token = raw_model.flops_per_token(max_seq_len)
 # MFU is reported only where the GPU's dense bf16 peak is known, never guessed
 peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" and precision == "bf16" else None
-log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+log(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; checkpoints "
+    + (f"in the pico-decoder's own format, because the model is not Llama: {not_llama}. Read one back with "
+       f"load_pretrained(folder) of the model.py saved in it; transformers does not load it" if not_llama else
+       "in the Llama format (transformers' LlamaForCausalLM loads them)"))
 
 # -----------------------------------------------------------------------------
 # data (local files are opened and their schemas checked now, so a bad file stops the run before any work;
@@ -269,53 +244,11 @@ if run_name is None:
     run_name = name[0]
 run_dir = os.path.join(runs_dir, run_name)
 config = {k: globals()[k] for k in config_keys}
-refused, run_lock, set_aside = [None], None, None
-if master:
-    try:  # one run at a time in a run folder (a requeued job while the old one still runs): rank 0 holds a lock
-        os.makedirs(runs_dir, exist_ok=True)
-        run_lock = checkpoint.lock_run(run_dir)
-        if auto_resume and (links := checkpoint.foreign_links(run_dir)):
-            refused[0] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does not make "
-                          f"there: it never writes or uploads through one. Replace it by the file itself, or remove it")
-    except checkpoint.CheckpointError as e:
-        refused[0] = str(e)
-if is_dist:
-    dist.broadcast_object_list(refused)
-if refused[0]:
-    raise SystemExit(f"cannot start: {refused[0]}")
-if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-    # auto_resume=False starts over, but never over a run: the old one is kept under a new name
-    set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
-                     if not os.path.exists(f"{run_dir}.set-aside-{n}"))
-    os.rename(run_dir, set_aside)
-made_run_dir = master and not os.path.isdir(run_dir)
-if master:
-    os.makedirs(run_dir, exist_ok=True)
-if is_dist:
-    # rank 0 alone writes checkpoints, `latest` and the logs, and every rank reads them: runs_dir must
-    # be one filesystem shared by every node. Each rank looks for a file rank 0 has just made there.
-    mark = [f".rank0-{secrets.token_hex(8)}" if master else None]
-    dist.broadcast_object_list(mark)
-    mark = os.path.join(run_dir, mark[0])
-    if master:
-        open(mark, "w").close()
-    barrier()
-    for _ in range(20):  # a network filesystem may show a new file to other nodes a moment late
-        if os.path.isdir(run_dir) and os.path.basename(mark) in os.listdir(run_dir):
-            break
-        time.sleep(0.5)
-    unseen = int(all_ranks_sum(torch.tensor([0 if os.path.exists(mark) else 1], device=device)).item())
-    if master:
-        os.remove(mark)
-        if unseen and made_run_dir:
-            os.rmdir(run_dir)
-    if unseen:
-        raise SystemExit(f"config error: {unseen} of {world_size} ranks cannot see the run folder "
-                         f"{os.path.abspath(run_dir)} that rank 0 made: runs_dir must be on a filesystem that "
-                         f"every node shares (NFS, Lustre, ...)")
-if master:
-    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    log_file = open(os.path.join(run_dir, "logs", "train.log"), "a")
+try:  # the lock, links the run did not make, auto_resume=False's set-aside, a folder every node sees
+    run_lock, set_aside = checkpoint.open_run(run_dir, auto_resume, device)
+except checkpoint.CheckpointError as e:
+    raise SystemExit(f"cannot start: {e}") from None
+report.open(run_dir)
 log(f"run {run_dir}; settings (all of them in training_config.yaml):\n" + configurator.describe(config, __file__))
 if ignored_from_yaml:
     log("from the run's YAML, not taken (where and whether a run writes or sends anything comes from the command "
@@ -324,29 +257,17 @@ if set_aside:
     log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
 
-def log_metrics(row):
-    if master:
-        with open(os.path.join(run_dir, "logs", "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-
 uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
 if save_to_hf and master:
     import hub
     uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log_fn=log)
-wandb_run = None
-if save_to_wandb and master:
-    wandb_run = wandb.init(project=wandb_project or None, entity=wandb_entity or None, name=run_name,
-                           id=run_name.replace("/", "-"), resume="allow", dir=run_dir, config=config,
-                           settings=wandb.Settings(init_timeout=60))
+if save_to_wandb:
+    report.start_wandb(wandb_project, wandb_entity, run_name, config)
 
 # -----------------------------------------------------------------------------
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG), with any
 # backend and any number of ranks: a checkpoint holds the full optimizer state in AdamW's own form
-MUST_MATCH = {k for k, section in configurator.sections(__file__).items() if section == "model"} | {
-    "dataset_name", "dataset_split"}
+MUST_MATCH = {*MODEL_SETTINGS, "dataset_name", "dataset_split"}
 run_state = {**config, "backend": backend, "world_size": world_size}
 
 
@@ -354,50 +275,21 @@ def resume():
     """Everything a resume does, in order: find and check the checkpoint (rank 0, once for all
     ranks), read it without running any code, refuse settings that cannot go on with it, then put
     back the weights, the optimizer state (DeepSpeed's below, once it has made its shards), the
-    data position and the metrics log. save_checkpoint()'s write_checkpoint() says what is read.
+    data position, the metrics log and the random generators. write_checkpoint() says what is read.
     Returns (the checkpoint folder, its training state), or (None, None) for a new run."""
-    verdict = [None, None]  # (the checkpoint folder, or why it cannot be loaded)
-    if master:
-        for stale in checkpoint.clean_partial(run_dir):
-            log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
-        try:  # checked against its manifest (sizes and sha256) and for pickled code, without loading it
-            verdict[0] = checkpoint.latest(run_dir, log=log)
-            if verdict[0]:
-                checkpoint.scan(verdict[0])
-        except checkpoint.CheckpointError as e:
-            verdict[1] = str(e)
-    if is_dist:
-        dist.broadcast_object_list(verdict)
-    folder, error = verdict
-    if not folder and not error:
-        return None, None
     try:
-        if error:
-            raise checkpoint.CheckpointError(error)
-        # read without running any code, on every rank; under ZeRO-2 each reads only its shards
-        state_file = os.path.join(folder, "training_state.pt")
-        state = checkpoint.load_state(state_file, mmap=True)
-        checkpoint.check_training_state(state, state_file, int(os.path.basename(folder)[5:]))
-        checkpoint.check_optimizer_state(state["optimizer"], len(decay + no_decay), state_file)
-        try:
-            weights = load_pretrained(folder).state_dict()
-        except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
-            raise checkpoint.CheckpointError(f"{folder}/model.safetensors (or config.json) cannot be read "
-                                             f"({type(e).__name__}: {str(e)[:200]}); point checkpoints/latest "
-                                             f"at another step_<N>") from None
-        if not all(torch.isfinite(w).all() for w in weights.values()):
-            raise checkpoint.CheckpointError(f"{folder}/model.safetensors holds NaN or inf weights, so it is "
-                                             f"not resumed; point checkpoints/latest at an earlier step_<N>")
+        folder = checkpoint.find(run_dir, log=log)  # rank 0 checks it, for every rank
+        if folder is None:
+            return None, None
+        state, weights = checkpoint.read(folder, len(decay + no_decay))  # every rank
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"cannot resume: {e}") from None
     bad, harmless = checkpoint.compare_configs(state["config"], run_state, MUST_MATCH)
     if bad:
-        raise SystemExit(f"cannot resume {folder}: these settings differ from the saved run: " + ", ".join(
-            f"{k} (saved {state['config'].get(k)!r}, now {run_state.get(k)!r})" for k in bad)
-            + f". Use another run_name, or auto_resume=False to start over in {run_dir}.")
+        raise SystemExit(f"cannot resume {folder}: these settings differ from the saved run: {bad}. Use another "
+                         f"run_name, or auto_resume=False to start over in {run_dir}.")
     if harmless:
-        log("resuming with changed settings: " + ", ".join(
-            f"{k}: {state['config'].get(k)!r} -> {run_state.get(k)!r}" for k in harmless))
+        log(f"resuming with changed settings: {harmless}")
     if state["step"] > max_steps:
         raise SystemExit(f"cannot resume {folder}: it is at step {state['step']}, past max_steps "
                          f"{max_steps}; set max_steps to at least {state['step']} to go on training this run")
@@ -411,25 +303,16 @@ def resume():
     except data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     log(f"resumed from {folder} at step {state['step']}")
-    metric_rows, unreadable = checkpoint.read_metrics(run_dir) if master else ([], 0)  # rank 0's file
-    if metric_rows or unreadable:  # drop rows of steps after the checkpoint (they are redone)
-        metrics_path = os.path.join(run_dir, "logs", "metrics.jsonl")
-        with open(metrics_path + ".tmp", "w") as f:  # then renamed over it: a crash leaves one or the other
-            f.writelines(json.dumps(row) + "\n" for row in metric_rows if row["step"] <= state["step"])
-        os.replace(metrics_path + ".tmp", metrics_path)
-        if unreadable:
-            log(f"{unreadable} line(s) of {metrics_path} were not rows (a crash mid-write?) and were dropped")
+    if master and (unreadable := checkpoint.keep_metrics_until(run_dir, state["step"])):  # later steps are redone
+        log(f"{unreadable} line(s) of {run_dir}/logs/metrics.jsonl were not rows (a crash mid-write?) and were dropped")
+    checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])  # (DDP and DeepSpeed draw no random numbers)
     return folder, state
 
 
 resume_from, resumed_state = resume() if auto_resume else (None, None)
 start_step = resumed_state["step"] if resumed_state else 0
 if master:  # the settings of this run, written once it is known that they can go on with what is here
-    nested = configurator.nested(config, __file__)
-    nested["training"]["world_size"] = world_size
-    with open(os.path.join(run_dir, "training_config.yaml.tmp"), "w") as f:
-        yaml.safe_dump(nested, f, sort_keys=False)
-    os.replace(os.path.join(run_dir, "training_config.yaml.tmp"), os.path.join(run_dir, "training_config.yaml"))
+    configurator.write_yaml(config, __file__, os.path.join(run_dir, "training_config.yaml"), world_size=world_size)
 
 # -----------------------------------------------------------------------------
 # wrap for data parallelism
@@ -454,53 +337,31 @@ if use_deepspeed:
         checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay), zero=True)
 elif is_dist:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-if resumed_state is not None:
-    checkpoint.set_rng_state(resumed_state["rng"][rank % len(resumed_state["rng"])])
 # bf16: fp32 weights, bf16 matmuls under autocast (norms, softmax and the loss stay fp32), on every backend
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def evaluate():
-    """Perplexity on the evaluation set. Rank r scores rows r, r + W, ...; the sums are added over
-    ranks, so every rank returns the same numbers and no rank idles while rank 0 works."""
+    """The evaluation in a pass of its own. Rank r scores rows r, r + W, ...; eval_results() adds
+    the sums over ranks, so every rank returns the same numbers and no rank idles while rank 0 works."""
     raw_model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # sum of per-row ppl, rows, sum of token losses, tokens
-    mine = eval_seqs[rank::world_size]
+    totals, mine = {}, eval_seqs[rank::world_size]
     for i in range(0, len(mine), eval_batch_size):
         chunk = torch.from_numpy(mine[i:i + eval_batch_size]).to(device)
         with autocast:
-            _, losses = raw_model(chunk[:, :-1], chunk[:, 1:], reduction="none")  # (B, T)
-        totals += dynamics.eval_sums(losses)
-    all_ranks_sum(totals)
+            _, per_token = raw_model(chunk[:, :-1], chunk[:, 1:], reduction="none", top1=True)  # each (B, T)
+        totals = dynamics.add_sums(totals, dynamics.eval_sums(per_token))
     raw_model.train()
-    return eval_results(totals.tolist())
-
-
-def eval_results(totals):
-    """The evaluation's numbers from its sums over all rows (dynamics.eval_sums)."""
-    ppl_sum, rows, loss_sum, n_tokens = totals
-    loss = loss_sum / n_tokens
-    return {"paloma": ppl_sum / rows, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "rows": int(rows), "dataset": eval_dataset_name}
-
-
-def eval_path(step):
-    return os.path.join(run_dir, "eval_results", f"step_{step}.json")
+    return dynamics.eval_results(totals, eval_dataset_name)
 
 
 def report_eval(step, results):
-    """Log and save an evaluation; one whose numbers overflow stops the run before it is saved."""
-    if not all(math.isfinite(results[k]) for k in ("loss", "perplexity", "paloma")):
-        fail(f"step {step}: eval loss {results['loss']:.4g}, perplexity {results['perplexity']:.4g}, paloma "
-             f"{results['paloma']:.4g}: the model has diverged, so this step is not saved")
-    log(f"step {step}: eval loss {results['loss']:.4f}, paloma (mean per-sequence perplexity) "
-        f"{results['paloma']:.2f} on {results['rows']} sequences of {eval_set}")
-    if master:
-        os.makedirs(os.path.dirname(eval_path(step)), exist_ok=True)
-        with open(eval_path(step), "w") as f:
-            json.dump(results, f, indent=2)
-    log_metrics({"step": step, "eval/loss": results["loss"], "eval/paloma": results["paloma"]})
+    """Log and save an evaluation (monitor.evaluation); numbers that overflow stop the run, unsaved."""
+    if not all(math.isfinite(v) for v in results.values() if isinstance(v, float)):
+        fail(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float))
+             + ": the model has diverged, so this step is not saved")
+    report.evaluation(step, results, eval_set)
 
 
 def fail(reason, fix="lower lr (or check the data)"):
@@ -513,9 +374,6 @@ def fail(reason, fix="lower lr (or check the data)"):
     raise SystemExit(msg)
 
 
-wandb_previous_weights = {}  # the captured layers' weights at the last checkpoint, for their relative change
-
-
 def capture_dynamics(step, fused):
     """The learning dynamics of the chosen layers on the fixed `val` rows and on the rows the next
     optimizer step trains on, every rank taking a share of the rows; fused: the evaluation is
@@ -526,7 +384,7 @@ def capture_dynamics(step, fused):
                 rank=rank, world_size=world_size, device=device, autocast=autocast)
     captured["val"] = (dynamics_val_seqs, dynamics.capture(raw_model, dynamics_val_seqs, **args, evaluate=fused))
     if fused:
-        report_eval(step, eval_results(captured["val"][1]["eval"]))
+        report_eval(step, dynamics.eval_results(captured["val"][1]["eval"], eval_dataset_name))
     if step < max_steps:  # the rows the next optimizer step trains on (the stream does not move)
         try:
             rows = train_data.peek_global_batch()
@@ -536,46 +394,40 @@ def capture_dynamics(step, fused):
     log(f"step {step}: learning dynamics of {len(captured['val'][1]['weights'])} layers on "
         + ", ".join(f"{len(r)} {s} rows" for s, (r, _) in captured.items()) + f" in {time.time() - t0:.1f}s"
         + (" (with the evaluation)" if fused else ""))
-    if wandb_run is not None:  # per-layer numbers, as `python dynamics.py plot` draws them
-        val, summary = captured["val"][1], {}
-        if "train" in captured:
-            summary.update(dynamics.summaries(*(captured["train"][1][k] for k in ("weights", "gradients")),
-                                              split="train"))
-        summary.update(dynamics.summaries(val["weights"], val["gradients"], wandb_previous_weights.get("val")))
-        wandb_run.log({f"dynamics/{k}": v for k, v in summary.items()}, step=step)
-        wandb_previous_weights["val"] = val["weights"]
+    report.dynamics(step, captured)  # wandb's per-layer numbers
     return captured
 
 
-def write_checkpoint(folder, step, captured, optimizer_state, rng):
+def write_checkpoint(folder, optimizer_state, rng, step, captured):
     """What a checkpoint holds, all of it; rank 0 writes it into a temporary folder that
-    checkpoint.commit() renames to checkpoints/step_<step> (resume() reads it back):
-      model.safetensors, config.json,   the weights as a plain Llama model (model.save_pretrained):
-      generation_config.json            the training checkpoint IS the Hugging Face export
+    checkpoint.save() renames to checkpoints/step_<step> (resume() reads it back):
+      model.safetensors, config.json,   the weights (model.save_pretrained): a Llama checkpoint that
+      generation_config.json            transformers loads, or, if the model is not Llama, the own
+      (model.py, if not Llama)          format with the model.py that reads it (model.py's top)
       tokenizer.json, tokenizer_config.json
       training_state.pt                 step, AdamW's state_dict, the data position, every rank's RNG
                                         state and the run's settings (tensors and plain types only)
       learning_dynamics/                activations, weights and gradients of the chosen layers per
                                         split, and the train rows they were taken on (dynamics.save)
-      manifest.json                     every file's size and sha256, checked before a load"""
+      manifest.json                     every file's size and sha256, checked before a load (written
+                                        by checkpoint.save() once the rest is)"""
     for split, (rows, result) in captured.items():
         dynamics.save(result, os.path.join(folder, "learning_dynamics"), split)
         if split == "train":
             dynamics.save_rows(rows, os.path.join(folder, "learning_dynamics", "train_data"), tokenizer)
-    save_pretrained(raw_model, folder)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                   "pad_token": "<|padding|>", "model_max_length": max_seq_len}, f, indent=2)
+    save_pretrained(raw_model, folder, llama=not not_llama)
+    data.save_tokenizer(tokenizer, folder, max_seq_len)
     torch.save({"step": step, "optimizer": optimizer_state, "data": train_data.state_dict(), "rng": rng,
                 "config": run_state}, os.path.join(folder, "training_state.pt"))
-    checkpoint.write_manifest(folder, step)
 
 
 def save_checkpoint(step, evaluating=False):
     """Learning dynamics, then the checkpoint (write_checkpoint), atomically; evaluating: the
     evaluation too, from the dynamics' forward pass where they share rows. Collective: every rank."""
     t0 = time.time()
+    if step == 0:  # a new run's first (and longest) silence: say what it is
+        log("step 0: " + ("evaluating, " if evaluating else "") + ("capturing the learning dynamics, " if
+            layer_suffixes else "") + "saving the first checkpoint; the first training step comes after it")
     if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
         fail(f"step {step}: the weights hold NaN or inf, so they are not saved")
     # the learning dynamics' val rows are the evaluation rows by default (the demo's and pico-train's
@@ -584,80 +436,32 @@ def save_checkpoint(step, evaluating=False):
     if evaluating and not fused:
         report_eval(step, evaluate())
     captured = capture_dynamics(step, fused) if layer_suffixes else {}
-    folder = [checkpoint.begin(run_dir, step) if master else None]
-    rng = [None] * world_size
-    if is_dist:
-        dist.broadcast_object_list(folder)
-        dist.all_gather_object(rng, checkpoint.rng_state())
-    else:
-        rng = [checkpoint.rng_state()]
-    # AdamW's state_dict on every backend (under ZeRO-2 gathered from the ranks' shards; rank 0 keeps it)
-    optimizer_state = checkpoint.optimizer_state(optimizer, (decay, no_decay), zero=use_deepspeed, keep=master)
-    failed = [None]  # rank 0 writes; a full disk (or any failed write) stops every rank with one line
-    if master:
-        try:
-            write_checkpoint(folder[0], step, captured, optimizer_state, rng)
-            checkpoint.commit(run_dir, step, folder[0])
-        except (OSError, RuntimeError, SafetensorError) as e:  # (torch.save and safetensors wrap OSErrors)
-            shutil.rmtree(folder[0], ignore_errors=True)
-            free = shutil.disk_usage(run_dir).free / 2**30
-            failed[0] = (f"step {step}: the checkpoint could not be written ({str(e).splitlines()[0][:200]}; "
-                         f"{free:.1f} GiB free)")
-        if uploader and not failed[0]:  # a sealed checkpoint is queued by being there: the uploader looks again
-            uploader.nudge()
-    if is_dist:
-        dist.broadcast_object_list(failed)
-    if failed[0]:
-        fail(failed[0], fix=f"free space on the disk of {run_dir} (or make it writable)")
+    failed = checkpoint.save(run_dir, step, functools.partial(write_checkpoint, step=step, captured=captured),
+                             optimizer, (decay, no_decay), zero=use_deepspeed)  # collective; rank 0 writes
+    if uploader and not failed:  # a sealed checkpoint is queued by being there: the uploader looks again
+        uploader.nudge()
+    if failed:
+        fail(failed, fix=f"free space on the disk of {run_dir} (or make it writable)")
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
 
 
 # -----------------------------------------------------------------------------
 # the training loop: its parts first, each small and named, then the loop, which reads
 # "checkpoint if due; micro-steps: forward, backward; one check; the optimizer step"
-def get_lr(step):
-    """Learning rate for the optimizer step that takes the weights from `step` to `step + 1`.
-    Linear warmup to lr over lr_warmup_steps, then linear decay to 0 at max_steps
-    (linear_with_warmup, pico-train's) or cosine decay to lr * min_lr_ratio."""
-    if step < lr_warmup_steps:
-        return lr * (step + 1) / lr_warmup_steps
-    progress = min(1.0, (step - lr_warmup_steps) / max(1, max_steps - lr_warmup_steps))
-    if lr_scheduler == "linear_with_warmup":
-        return lr * (1.0 - progress)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
-
-
-def is_save_step(step):
-    """Checkpoints: step 0, every save_every_n_steps, the powers of two up to save_log_spaced_until
-    (and the end, and a stop)."""
-    return step % save_every_n_steps == 0 or (step <= save_log_spaced_until and step & (step - 1) == 0)
-
-
-def is_eval_step(step):
-    if eval_every_n_steps is None:
-        return is_save_step(step)
-    return bool(eval_every_n_steps) and step % eval_every_n_steps == 0
-
-
-def pauses_after(step):
-    """How many evaluations and checkpoints come after `step` (the last step's included)."""
-    def multiples(n):  # of n in (step, max_steps]
-        return max_steps // n - step // n
-    every = [save_every_n_steps] + ([eval_every_n_steps] if eval_every_n_steps else [])
-    count = sum(map(multiples, every)) - (multiples(math.lcm(*every)) if len(every) == 2 else 0)
-    others = {2**k for k in range(63) if 2**k <= save_log_spaced_until} | {max_steps}  # off the grid of `every`
-    return count + sum(step < s <= max_steps and all(s % n for n in every) for s in others)
+get_lr = functools.partial(schedules.SCHEDULES[lr_scheduler], lr=lr, warmup_steps=lr_warmup_steps,
+                           max_steps=max_steps, min_lr_ratio=min_lr_ratio, lr_decay_fraction=lr_decay_fraction)
+calendar = schedules.Calendar(max_steps, save_every_n_steps, save_log_spaced_until, eval_every_n_steps)
 
 
 def checkpoint_if_due(step, stopping):
-    """A checkpoint at a save step, at the end and at a stop, with the evaluation where one is due
-    (always at the end); an evaluation alone at an eval step. Returns whether it paused training."""
-    evaluating = step >= max_steps or is_eval_step(step)
-    if stopping or is_save_step(step):
+    """A checkpoint at a save step of the calendar and at a stop, with the evaluation where one is due;
+    an evaluation alone at an eval step. Returns whether it paused training."""
+    evaluating = calendar.evaluates(step)
+    if stopping or calendar.saves(step):
         save_checkpoint(step, evaluating)  # evaluating there too, in the capture's pass where they share rows
     elif evaluating:
         report_eval(step, evaluate())
-    return evaluating or is_save_step(step)
+    return evaluating or calendar.saves(step)
 
 
 def next_batch(step):
@@ -669,8 +473,10 @@ def next_batch(step):
 
 
 def reduce_gradients_now(last_micro_step):
-    """Gradients are summed across ranks at the last micro-step's backward only (told before the
-    forward); the micro-steps before it accumulate locally."""
+    """Told before each forward whether this micro-step ends the optimizer step. DDP then sums the
+    gradients across ranks in the last micro-step's backward only; the ones before accumulate
+    locally. ZeRO-2 (DeepSpeed 0.19.8) reduces at every micro-step regardless, into each rank's
+    shard, and uses the boundary for its own bookkeeping."""
     if use_deepspeed:
         model.set_gradient_accumulation_boundary(last_micro_step)
     elif is_dist:
@@ -694,9 +500,10 @@ def check_step(step, loss_sum):
     grad_norm = torch.zeros((), device=device)
     if not use_deepspeed:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    mean = all_ranks_sum(torch.stack([loss_sum / gradient_accumulation_steps,
-                                      torch.tensor(float(bool(signalled)), device=device)])) / world_size
-    step_loss, signal_share, norm = torch.cat([mean, grad_norm.float().view(1)]).tolist()
+    shared = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(bool(signalled)), device=device)])
+    if is_dist:
+        dist.all_reduce(shared)  # a sum (gloo has no mean): divided by the ranks below
+    step_loss, signal_share, norm = torch.cat([shared / world_size, grad_norm.float().view(1)]).tolist()
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         fail(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
     return step_loss, norm, signal_share > 0
@@ -727,27 +534,26 @@ def on_signal(signum, frame):
             os.write(sys.stdout.fileno(), f"[{datetime.now():%H:%M:%S}] {name}: finishing this step, then saving a "
                      f"checkpoint ({name} again to stop at once)\n".encode())
     elif time.time() - signalled[0][1] > 1.0:
-        raise SystemExit(f"{name} again: stopped at once; the run resumes from "
-                         f"{checkpoint.checkpoints_dir(run_dir)}/latest")
+        latest = os.path.join(checkpoint.checkpoints_dir(run_dir), "latest")
+        raise SystemExit(f"{name} again: stopped at once; " + (f"the run resumes from {latest}" if os.path.lexists(
+            latest) else "no checkpoint was saved yet, so running again starts the run over"))
 
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
 
 step = start_step
-t_start = t_last = time.time()
-paused, pauses = 0.0, 0  # time spent in evaluations and checkpoints this session, and how many
-steps_since_log = 0
+report.start_clock(step, max_steps, tokens_per_step, calendar.pauses_from,
+                   flops_per_token / (peak_flops * world_size) if peak_flops else None)  # (MFU where the peak is known)
 stop_asked = False  # by a signal on any rank, known to every rank after the step's check
 while True:
     stopping = step >= max_steps or stop_asked or (stop_at_step is not None and step >= stop_at_step)
-    t_pause = time.time()
     if step > start_step or not resume_from:  # the step a run resumed from is saved already
-        pauses += checkpoint_if_due(step, stopping)
+        t_pause = time.time()
+        paused = checkpoint_if_due(step, stopping)
+        report.pause(time.time() - t_pause, paused)  # (tok/s counts training time only)
     if stopping:
         break
-    t_last += time.time() - t_pause  # tokens/s counts training time, not evaluation and checkpoints
-    paused += time.time() - t_pause
 
     # one optimizer step = gradient_accumulation_steps micro-steps on this rank's sub-batches
     step_lr = get_lr(step)
@@ -768,22 +574,8 @@ while True:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     step += 1
-    steps_since_log += 1
     if step % log_every_n_steps == 0 or step == max_steps:
-        now = time.time()
-        tok_s = steps_since_log * tokens_per_step / (now - t_last)
-        row = {"step": step, "loss": step_loss, "lr": step_lr, "grad_norm": norm, "tokens_per_s": tok_s}
-        mfu = ""
-        if peak_flops:
-            row["mfu"] = flops_per_token * tok_s / (peak_flops * world_size)
-            mfu = f", MFU {row['mfu']:.1%}"
-        # what is left: the steps at this session's training speed, the pauses at their measured cost
-        eta = ((now - t_start - paused) / (step - start_step) * (max_steps - step)
-               + (paused / pauses if pauses else 0.0) * pauses_after(step))
-        log(f"step {step}/{max_steps} | loss {step_loss:.4f} | lr {step_lr:.2e} | norm {norm:.3f} | "
-            f"{tok_s:,.0f} tok/s{mfu} | elapsed {now - t_start:.0f}s | eta {eta:.0f}s")
-        log_metrics(row)
-        t_last, steps_since_log = now, 0
+        report.step(step, step_loss, step_lr, norm)  # the log line and metrics row, with tok/s and the eta
 
 
 # -----------------------------------------------------------------------------
@@ -800,9 +592,8 @@ if stop_asked and step < max_steps:
         + (" (what is not on the Hub yet is uploaded first)" if uploader else ""))
 if uploader:
     uploader.finish(0 if stop_asked else hf_wait_at_end_s)  # a scheduler's grace period is short
-log(f"done: {step} steps in {run_dir} ({time.time() - t_start:.0f}s this session)")
-if wandb_run is not None:
-    wandb_run.finish()
+log(f"done: {step} steps in {run_dir} ({time.time() - report.t_start:.0f}s this session)")
+report.finish()
 if is_dist:
-    barrier()  # every rank is done with the others before any lets go of the process group
+    dist.barrier()  # every rank is done with the others before any lets go of the process group
     dist.destroy_process_group()

@@ -1,7 +1,7 @@
 # pico-decoder-tiny (11,282,784 parameters), one of the published pico-decoder sizes, with the
 # training shape it was published with: 4 nodes x 4 GPUs, 4 micro-steps of 16 sequences per GPU.
 #   torchrun --nproc_per_node=4 train.py config/pico_decoder_tiny.py --run_name=my-tiny   (one node)
-#   on several nodes: the torchrun command under "Several GPUs, several nodes" in README.md
+#   on several nodes: the torchrun commands of docs/clusters.md#launching
 # Everything not set here is train.py's default, which is pico-train's: 12 layers, 12 heads,
 # 4 KV heads, vocab 50304, seq 2048; pico-lm/pretokenized-dolma streamed from the Hub, 1024
 # sequences x 2048 tokens per step, 200,000 steps (one pass), lr 3e-4 with 2,500 warmup steps then

@@ -18,12 +18,12 @@ TINY = ["config/demo.py", "--d_model=32", "--n_layers=2", "--attention_n_heads=2
         "--save_log_spaced_until=0"]
 
 
-def run_train(runs_dir, *args, nproc=1, check=True, env=None, timeout=300):
+def run_train(runs_dir, *args, nproc=1, check=True, env=None, timeout=300, cwd=ROOT):
     cmd = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                 **(env or {})}
-    proc = subprocess.run(cmd + TINY + [f"--runs_dir={runs_dir}", *args], cwd=ROOT, env=full_env,
+    proc = subprocess.run(cmd + TINY + [f"--runs_dir={runs_dir}", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -76,3 +76,42 @@ def last_line(proc):
 def copy_run(base_run, tmp_path):
     shutil.copytree(base_run, tmp_path / "r", symlinks=True)
     return tmp_path / "r" / "checkpoints"
+
+
+# a student's changes to model.py (docs/course.md, exercise 7): (text in model.py, what replaces it)
+EDITS = {
+    "layernorm": [("RMSNorm(config.d_model, config.norm_eps)", "nn.LayerNorm(config.d_model, eps=config.norm_eps)")],
+    "gelu": [("F.silu(self.w_0(x))", "F.gelu(self.w_0(x))")],
+    "position_table": [
+        ("self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)\n",
+         "self.embedding_proj = nn.Embedding(config.vocab_size, config.d_model)\n"
+         "        self.position_emb = nn.Embedding(config.max_seq_len, config.d_model)\n"),
+        ("x = self.embedding_proj(input_ids)  # (B, T, d_model)",
+         "x = self.embedding_proj(input_ids) + self.position_emb.weight[start:start + T]")],
+}
+
+
+def edited_repo(tmp_path, edit):
+    """A copy of the repository (its code and config/; data/ linked) whose model.py has EDITS[edit]."""
+    repo = tmp_path / f"repo-{edit}"
+    repo.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), repo)
+    shutil.copytree(os.path.join(ROOT, "config"), repo / "config")
+    os.symlink(os.path.join(ROOT, "data"), repo / "data")
+    text = (repo / "model.py").read_text()
+    for old, new in EDITS[edit]:
+        assert old in text, old  # model.py still reads as the course says
+        text = text.replace(old, new)
+    (repo / "model.py").write_text(text)
+    return repo
+
+
+def import_file(path, name):
+    """The module at `path` under its own name (an edited model.py beside the repository's own)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

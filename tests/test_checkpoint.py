@@ -68,7 +68,7 @@ def test_every_checkpoint_loads_in_transformers_with_the_same_loss(reference_run
             _, mine = ours(seqs[:, :-1], seqs[:, 1:])
         # HF's loss skips the last position's target; compare on the same tokens
         with torch.no_grad():
-            _, per_token = ours(seqs[:, :-1], seqs[:, 1:], reduction="none")
+            per_token = ours(seqs[:, :-1], seqs[:, 1:], reduction="none")[1]["loss"]
         assert abs(per_token[:, :-1].mean().item() - theirs.item()) <= 1e-5
         assert abs(per_token.mean().item() - mine.item()) <= 1e-5  # two summation orders of one loss
 

@@ -124,8 +124,8 @@ def test_pages_say_what_is_true_not_the_machines_history(page):
 
 
 def test_the_course_points_at_code_that_exists():
-    """Each `file -> name` of the course names a function, class or method (Class.method) defined in
-    that file, or a `the "x" section` that is a `# x...` line of it."""
+    """Each `file -> name` of the course names a function, class, method (Class.method) or module-level
+    table defined in that file, or a `the "x" section` that is a `# x...` line of it."""
     pointers = re.findall(r"`(\w+\.py) -> ([^`]+)`", read("docs/course.md"))
     assert len(pointers) >= 20
     for file, name in pointers:
@@ -137,6 +137,24 @@ def test_the_course_points_at_code_that_exists():
             assert "\nwhile True:\n" in source
         else:
             *owner, leaf = name.split(".")
-            assert re.search(rf"^\s*(def|class) {leaf}\b", source, re.M), (file, name)
+            assert re.search(rf"^\s*(def|class) {leaf}\b|^{leaf} = ", source, re.M), (file, name)
             if owner:
                 assert re.search(rf"^class {owner[0]}\b", source, re.M), (file, name)
+
+
+def test_the_code_points_at_pages_and_headings_that_exist():
+    """The config files' headers and the scripts name the pages of the docs they send a reader to as
+    PAGE or PAGE#heading; each must land, and no header points at a section by its title in quotes
+    (which moves silently)."""
+    sources = sorted(f"config/{f}" for f in os.listdir(os.path.join(ROOT, "config"))) + sorted(
+        f for f in os.listdir(ROOT) if f.endswith(".py"))
+    found = 0
+    for source in sources:
+        text = read(source)
+        assert not re.search(r'"[^"\n]+" (of|in) (README|docs/)', text), source
+        for page, anchor in re.findall(r"\b(README\.md|docs/[\w-]+\.md)(?:#([\w-]+))?", text):
+            assert os.path.exists(os.path.join(ROOT, page)), (source, page)
+            if anchor:
+                assert anchor in {slug(h) for h in re.findall(r"^#+ (.+)$", read(page), re.M)}, (source, anchor)
+            found += 1
+    assert found >= 5

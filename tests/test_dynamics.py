@@ -1,6 +1,7 @@
 """dynamics.py: captured activations and gradients against a plain forward/backward of a fresh
 model, 1 vs 2 processes (DDP and ZeRO-2), capture on vs off, and a pico-analyze-style reader."""
 
+import math
 import os
 
 import numpy as np
@@ -114,8 +115,9 @@ def test_capture_on_and_off_train_identically(tmp_path, reference_run):
     assert [m for m in a if "loss" in m] == [m for m in b if "loss" in m]  # training, to the bit
     # the evaluation: from the capture's pass with it on, a pass of its own with it off (other batches)
     evals = [(m, n) for m, n in zip(a, b, strict=True) if "eval/loss" in m]
-    assert len(evals) == 3 and all(m.keys() == n.keys() and all(abs(m[k] / n[k] - 1) <= 1e-6 for k in m if k != "step")
-                                   for m, n in evals)
+    assert len(evals) == 3 and all(m.keys() == n.keys() and all(
+        math.isclose(m[k], n[k], rel_tol=1e-6, abs_tol=1e-12) for k in m if k != "step") for m, n in evals)
+    assert {"eval/loss", "eval/paloma", "eval/top1_accuracy"} <= evals[0][0].keys()
 
 
 def test_unknown_suffix_fails_at_start(tmp_path):
@@ -176,3 +178,35 @@ def test_one_pass_per_checkpoint_gives_the_same_evaluation_and_dynamics(tmp_path
     assert files and files == sorted(p.relative_to(apart) for p in made if p.is_file())
     digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
     assert [f for f in files if digest(fused / f) != digest(apart / f)] == []
+
+
+def test_both_evaluation_paths_give_the_numbers_of_plain_logits():
+    """The evaluation's numbers, by name, from its own pass (the model's per-token results added up
+    batch by batch, as train.py's evaluate()) and from the capture's pass (capture(evaluate=True)),
+    against full logits: mean token cross-entropy, mean per-row perplexity, argmax accuracy."""
+    from model import ModelConfig, PicoDecoder
+    torch.manual_seed(0)
+    model = PicoDecoder(ModelConfig(d_model=32, n_layers=2, vocab_size=50, max_seq_len=24, attention_n_heads=4,
+                                    attention_n_kv_heads=2, activation_hidden_dim=48)).eval()
+    seqs = np.random.default_rng(0).integers(0, 50, (6, 17))
+    x, y = torch.from_numpy(seqs[:, :-1]), torch.from_numpy(seqs[:, 1:])
+    with torch.no_grad():
+        logits, _ = model(x)
+    losses = F.cross_entropy(logits.reshape(-1, 50), y.reshape(-1), reduction="none").view(6, 16)
+    expected = {"loss": losses.mean().item(), "paloma": losses.mean(1).exp().mean().item(),
+                "top1_accuracy": (logits.argmax(-1) == y).double().mean().item(), "rows": 6, "dataset": "d"}
+    expected["perplexity"] = math.exp(expected["loss"])
+    assert 0 < expected["top1_accuracy"] < 1  # a number that can be wrong either way
+
+    apart = {}
+    for rows in (seqs[:4], seqs[4:]):
+        rows = torch.from_numpy(rows)
+        with torch.no_grad():
+            _, per_token = model(rows[:, :-1], rows[:, 1:], reduction="none", top1=True)
+        apart = dynamics.add_sums(apart, dynamics.eval_sums(per_token))
+    fused = dynamics.capture(model, seqs, SUFFIXES, batch_size=4, evaluate=True)["eval"]
+    for totals in (apart, fused):
+        results = dynamics.eval_results(totals, "d")
+        assert results.keys() == expected.keys() and results["rows"] == 6
+        for k in ("loss", "paloma", "top1_accuracy", "perplexity"):
+            assert results[k] == pytest.approx(expected[k], rel=1e-5), k

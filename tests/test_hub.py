@@ -242,3 +242,17 @@ def test_a_refused_dataset_read_is_one_line_without_the_token(tmp_path, hub):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith("data error: listing files of tester/private-data on the Hub: the Hub refused"), line
     assert hub.env["HF_TOKEN"] not in proc.stdout + proc.stderr and "***" in line
+
+
+def test_a_changed_model_goes_up_with_the_model_py_that_reads_it(tmp_path):
+    """A checkpoint in the pico-decoder's own format (model.py changed) carries its model.py in the
+    model commit; a Llama checkpoint after it removes that copy from the branch."""
+    import hub
+    step_dir = tmp_path / "run" / "checkpoints" / "step_3"
+    step_dir.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "model.py", "training_state.pt"):
+        (step_dir / name).write_text(name)
+    model_commit, state_commit = hub.plan_commits(str(tmp_path / "run"), 3)[:2]
+    assert set(model_commit["files"]) == {"config.json", "generation_config.json", "model.safetensors", "model.py"}
+    assert set(state_commit["files"]) == {"training_state/training_state.pt"}
+    assert model_commit["delete"] == ["model.py"]  # replaced when there, removed when a step has none

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import Attention, KVCache, ModelConfig, PicoDecoder, export_names, load_pretrained, save_pretrained
+from helpers import edited_repo, import_file
+from model import (Attention, KVCache, ModelConfig, PicoDecoder, _name_map, llama_logits, load_pretrained,
+                   save_pretrained, why_not_llama)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(d_model=32, n_layers=2, vocab_size=97, max_seq_len=24, attention_n_heads=4,
@@ -194,10 +196,14 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(batch, length):
     assert abs(loss.item() - ref.item()) <= 1e-5
     for n, p in model.named_parameters():
         assert (ours[n] - p.grad).abs().max().item() <= 1e-6 * max(1.0, p.grad.abs().max().item()), n
-    with torch.no_grad():
-        _, per_token = model(ids[:, :-1], targets, reduction="none")
-    manual = F.cross_entropy(logits.view(-1, 97), targets.reshape(-1), reduction="none").view_as(per_token)
-    assert (per_token - manual).abs().max().item() <= 1e-5
+    manual = F.cross_entropy(logits.view(-1, 97), targets.reshape(-1), reduction="none").view(batch, length - 1)
+    top1 = (logits.argmax(-1) == targets) & (targets != -100)
+    with torch.no_grad():  # the per-token results an evaluation adds up, chunked, and the same with gradients
+        _, per_token = model(ids[:, :-1], targets, reduction="none", top1=True)
+    assert (per_token["loss"] - manual).abs().max().item() <= 1e-5 and torch.equal(per_token["top1"], top1)
+    _, per_token = model(ids[:, :-1], targets, reduction="none", top1=True)
+    assert (per_token["loss"] - manual).abs().max().item() <= 1e-5 and per_token["loss"].requires_grad
+    assert torch.equal(per_token["top1"], top1)
 
 
 def test_kv_heads_repeated_where_sdpa_cannot_share_them(monkeypatch):
@@ -312,27 +318,114 @@ def test_both_reductions_and_no_head_gradient_change_no_other_number():
     layers = [model.layers[0].attention.v_proj.weight, model.layers[1].swiglu.w_2.weight]
     _, loss = model(x, y)
     full = torch.autograd.grad(loss, layers + [model.de_embedding_proj.weight])
-    _, (both, per_token) = model(x, y, reduction="both", head_grad=False)
-    assert torch.equal(both, loss) and not per_token.requires_grad
-    with torch.no_grad():
-        assert torch.equal(per_token, model(x, y, reduction="none")[1])  # evaluation's numbers, to the bit
+    _, (both, per_token) = model(x, y, reduction="both", head_grad=False, top1=True)
+    assert torch.equal(both, loss) and not per_token["loss"].requires_grad
+    with torch.no_grad():  # evaluation's numbers, to the bit
+        apart = model(x, y, reduction="none", top1=True)[1]
+    assert all(torch.equal(per_token[k], apart[k]) for k in ("loss", "top1"))
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(both, layers), full[:2], strict=True))
     assert not model.de_embedding_proj.weight.grad_fn and model.de_embedding_proj.weight.grad is None
 
 
-def test_a_weight_the_llama_export_cannot_name_is_refused_naming_the_export(tmp_path):
-    class WithPositionTable(PicoDecoder):  # a learner's change: a learned position table
-        def __init__(self, config):
-            super().__init__(config)
-            self.position_emb = torch.nn.Embedding(config.max_seq_len, config.d_model)
+def test_the_llama_reference_is_transformers_llama():
+    """llama_logits, which why_not_llama holds the model to, against transformers' own Llama."""
+    transformers = pytest.importorskip("transformers")
+    model, ids = small_model(), tokens()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        vocab_size=97, max_position_embeddings=24, rms_norm_eps=1e-6, rope_theta=10000.0)).eval()
+    names = _name_map(2)
+    hf.load_state_dict({names[k]: v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        ref = llama_logits({names[k]: v for k, v in model.state_dict().items()}, model.config, ids)
+        assert (ref - hf(ids).logits).abs().max().item() <= 1e-5
 
-    model = WithPositionTable(ModelConfig(**SMALL))
-    message = r"weights that the Llama export \(model._HF_NAMES\) does not name: position_emb.weight\. "
-    with pytest.raises(ValueError, match=message):
-        export_names(model)
-    with pytest.raises(ValueError, match=message):
-        save_pretrained(model, str(tmp_path / "export"))
-    assert not (tmp_path / "export").exists()  # refused before anything is written
+
+class WithPositionTable(PicoDecoder):  # a learner's change: a learned position table (a new weight)
+    def __init__(self, config):
+        super().__init__(config)
+        self.position_emb = torch.nn.Embedding(config.max_seq_len, config.d_model)
+
+
+class TiedHead(PicoDecoder):  # the output head shares the embedding: every weight still has a Llama name
+    def __init__(self, config):
+        super().__init__(config)
+        self.de_embedding_proj.weight = self.embedding_proj.weight
+
+
+def test_whether_the_model_is_llama_is_decided_by_what_it_computes(tmp_path, monkeypatch):
+    import model as model_module
+    config = ModelConfig(**SMALL)
+    assert why_not_llama(PicoDecoder(config)) is None and why_not_llama(TiedHead(config)) is None
+    assert "position_emb.weight have no name in transformers' Llama" in why_not_llama(WithPositionTable(config))
+
+    class RMSNormInFP32(model_module.RMSNorm):  # the same maths, rounded through fp32: still Llama
+        def forward(self, x):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+    class LayerNormWithoutBias(model_module.RMSNorm):
+        def forward(self, x):
+            return F.layer_norm(x, x.shape[-1:], self.weight, None, self.eps)
+
+    class OtherEps(model_module.RMSNorm):
+        def __init__(self, dim, eps):
+            super().__init__(dim, 1e-5)  # the config says 1e-6
+
+    def gelu_swiglu(self, x):
+        return self.w_2(F.gelu(self.w_0(x)) * self.w_1(x))
+
+    for norm, swiglu in ((LayerNormWithoutBias, None), (OtherEps, None), (None, gelu_swiglu)):
+        with monkeypatch.context() as m:  # keeping every weight's name but not the maths is never Llama
+            if norm:
+                m.setattr(model_module, "RMSNorm", norm)
+            if swiglu:
+                m.setattr(model_module.SwiGLU, "forward", swiglu)
+            why = why_not_llama(model_module.PicoDecoder(config))
+        assert why and "its weights have Llama's names but it computes something else" in why, (norm, why)
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "RMSNorm", RMSNormInFP32)
+        assert why_not_llama(model_module.PicoDecoder(config)) is None
+    with monkeypatch.context() as m:  # a norm removed: a Llama weight is missing
+        m.setattr(model_module, "RMSNorm", lambda dim, eps: torch.nn.Identity())
+        why = why_not_llama(model_module.PicoDecoder(config))
+        assert "it lacks Llama's weights layers.0.attention_norm.weight" in why
+
+    model = small_model()  # the check leaves the model and the random generators as they were
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    assert why_not_llama(model) is None
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("edit", ["gelu", "position_table"])
+def test_a_model_that_is_not_llama_is_saved_in_its_own_format_and_loads_back(tmp_path, edit):
+    transformers = pytest.importorskip("transformers")
+    edited = import_file(edited_repo(tmp_path, edit) / "model.py", f"edited_model_{edit}")
+    torch.manual_seed(0)
+    model = edited.PicoDecoder(edited.ModelConfig(**SMALL)).eval()
+    save_dir = str(tmp_path / "own")
+    edited.save_pretrained(model, save_dir)  # decides the format itself: the model is not Llama
+    config = json.load(open(tmp_path / "own" / "config.json"))
+    assert config["model_type"] == "pico_decoder_own" and config["pico_decoder"] == SMALL | {
+        "norm_eps": 1e-6, "position_emb_theta": 10000.0}
+    assert (tmp_path / "own" / "model.py").read_text() == (tmp_path / f"repo-{edit}" / "model.py").read_text()
+    loaded, ids = edited.load_pretrained(save_dir), tokens()
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
+                                                 strict=True))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+    with pytest.raises((ValueError, KeyError, OSError)):  # transformers does not take it for a Llama
+        transformers.AutoModelForCausalLM.from_pretrained(save_dir)
+
+
+def test_a_checkpoint_is_read_only_by_a_model_py_that_makes_its_weights(tmp_path):
+    save_pretrained(WithPositionTable(ModelConfig(**SMALL)), str(tmp_path / "table"))  # a new weight: own format too
+    with pytest.raises(ValueError, match=r"weights do not match this model.py's model \(it was written by the "
+                                         r"model.py saved beside it\): missing \[\], unexpected \['position_emb"):
+        load_pretrained(str(tmp_path / "table"))  # read with a model.py that lacks the table: said, not guessed
     save_pretrained(small_model(), str(tmp_path / "ok"))  # the unchanged model: every weight under its Llama name
     from safetensors.torch import load_file
-    assert set(load_file(str(tmp_path / "ok" / "model.safetensors"))) == set(export_names(small_model()).values())
+    assert set(load_file(str(tmp_path / "ok" / "model.safetensors"))) == set(_name_map(2).values())
+    assert not (tmp_path / "ok" / "model.py").exists()

@@ -107,7 +107,7 @@ def test_two_nodes_need_one_shared_runs_dir_and_then_train_as_one_process(tmp_pa
     t0 = time.time()
     for code, _, err in two_nodes([tmp_path / "node0", tmp_path / "node1"], "--run_name=apart"):
         assert code != 0 and "runs_dir must be on a filesystem that every node shares" in err, err[-3000:]
-        assert "config error: 1 of 2 ranks cannot see the run folder" in err
+        assert "cannot start: 1 of 2 ranks cannot see the run folder" in err
     assert time.time() - t0 < 60
     assert not (tmp_path / "node0" / "apart").exists()  # rank 0's empty run folder is not left behind
     args = ("--max_steps=12", "--save_every_n_steps=5", "--gradient_accumulation_steps=1")  # as test_newcomer's

@@ -113,7 +113,10 @@ def test_auto_resume_false_keeps_the_old_run(base_run, tmp_path):
     (["--max_steps=-1"], "max_steps must be a number of at least 0, got -1 (the run's length in optimizer steps)"),
     (["--lr", "1e-3"], "--lr has no value; write it with '=', as --lr=1e-3"),
     (["config/dem0.py"], "no config file 'config/dem0.py' (settings are written --key=value)"),
-    (["--lr_scheduler=step"], "lr_scheduler must be 'linear_with_warmup' or 'cosine', got 'step'"),
+    (["--learning_rate=1e-3"], "unknown setting 'learning_rate'; here it is lr (python train.py --help says what "
+                               "each setting means)"),
+    (["--lr_scheduler=step"], "lr_scheduler must be one of 'linear_with_warmup', 'cosine', 'wsd' (schedules.py), "
+                               "got 'step'"),
 ])
 def test_bad_settings_get_one_line_before_anything_is_made(tmp_path, args, message):
     proc = run_train(tmp_path, "--run_name=bad", *args, check=False)
