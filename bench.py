@@ -21,6 +21,8 @@ Rows (CPU default):
   demo checkpoint  one whole checkpoint of the demo vs a training step: the evaluation as a pass
                of its own (before) and taken from the learning-dynamics capture's pass (train.py now)
   hub upload   training step time while a checkpoint uploads in the background (local Hub server)
+  format check model.why_not_llama at start-up (is the model still Llama?), at the demo's 256 tokens
+               and at the published 2048, vs the training step
 """
 
 import argparse
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import dynamics
-from model import ModelConfig, PicoDecoder, gpu_peak_flops, save_pretrained
+from model import ModelConfig, PicoDecoder, gpu_peak_flops, save_pretrained, why_not_llama
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -507,6 +509,17 @@ def cpu_bench(reps):
                  f"({busy / idle:.2f}x)"))
 
     done("hub upload")
+    for label, cfg, step in (("demo (T=256)", DEMO, demo), ("tiny (T=2048)", TINY, tiny)):
+        with torch.device("meta"):  # the probe makes its own small model: the run's is never touched
+            model = PicoDecoder(ModelConfig(**cfg))
+        why_not_llama(model)  # warm
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert why_not_llama(model) is None
+            times.append(time.perf_counter() - t0)
+        rows.append(("format check", label, f"{statistics.median(times) * 1000:.0f} ms (median of 5) = "
+                     f"{statistics.median(times) / (step['ms'] / 1000):.2f}x its training step, once per start"))
     width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     print(f"| {'what':{width[0]}} | {'setting':{width[1]}} | result |")
     print(f"|{'-' * (width[0] + 2)}|{'-' * (width[1] + 2)}|---|")

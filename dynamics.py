@@ -243,8 +243,9 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-EVAL_LABELS = {"paloma": "paloma (mean per-sequence perplexity)",
-               "top1_accuracy": "top-1 accuracy (the next token ranked first)"}
+# how the plot draws an evaluation's numbers: (axis label, scale); another number gets its name, linear
+EVAL_AXES = {"paloma": ("paloma (mean per-sequence perplexity)", "log"),  # falls by orders of magnitude
+             "top1_accuracy": ("top-1 accuracy (the next token ranked first)", "linear")}
 
 
 def plot(run_dir):
@@ -297,12 +298,9 @@ def plot(run_dir):
     ax1.set(xlabel="step", ylabel="loss (nats per token)", title="loss")
     ax1.legend(loc="lower left")
     for ax, name in zip(axes[0][1:], others, strict=True):
-        points = [(e["step"], e[name]) for e in evals if name in e]
-        ax.plot(*zip(*points, strict=True), "o-", color="C2")
-        values = [v for _, v in points]
-        if min(values) > 0 and max(values) > 10 * min(values):
-            ax.set_yscale("log")  # (paloma: perplexities fall by orders of magnitude)
-        ax.set(xlabel="step", ylabel=EVAL_LABELS.get(name, name.replace("_", " ")), title=f"evaluation: {name}")
+        ax.plot(*zip(*[(e["step"], e[name]) for e in evals if name in e], strict=True), "o-", color="C2")
+        label, yscale = EVAL_AXES.get(name, (name.replace("_", " "), "linear"))
+        ax.set(xlabel="step", ylabel=label, yscale=yscale, title=f"evaluation: {name}")
     for ax in axes[0]:
         scale(ax)
     fig.tight_layout()

@@ -178,7 +178,7 @@ log(f"{world_size} process(es), {device}, {precision}{precision_note}, "
     f"{world_size} ranks x sub-batch {sub_batch}")
 if device_type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > os.cpu_count():
     log(f"this machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): torch's "
-        f"{torch.get_num_threads()} threads would wait on each other; OMP_NUM_THREADS=1 can train several times faster")
+        f"{torch.get_num_threads()} threads may wait on each other, and OMP_NUM_THREADS=1 may train faster")
 
 # -----------------------------------------------------------------------------
 # model and optimizer

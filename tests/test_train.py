@@ -235,9 +235,12 @@ def test_overrides_are_typed_and_saved(tmp_path):
 
 def test_config_file_with_unknown_key_fails(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("d_model = 64\nn_layer = 3\n")
+    bad.write_text("d_model = 64\nn_layer = 3\n")  # nanoGPT's name for it: ours is named
     proc = run_train(tmp_path, str(bad), check=False)
-    assert "unknown setting 'n_layer'; did you mean n_layers" in proc.stderr
+    assert "unknown setting 'n_layer'; here it is n_layers (python train.py --help" in proc.stderr
+    import configurator
+    names = list(configurator.sections(os.path.join(ROOT, "train.py")))
+    assert "did you mean n_layers" in str(configurator.unknown("n_layerz", names))  # a typo: the closest names
 
 
 def wandb_records(path):
