@@ -194,21 +194,18 @@ def open_run(run_dir, auto_resume, device="cpu"):
     import torch.distributed as dist
     is_dist = dist.is_available() and dist.is_initialized()
     master = not is_dist or dist.get_rank() == 0
-    refused, lock, set_aside = [None], None, None
+    verdict, lock, set_aside = [None, None], None, None
     if master:
         try:  # one run at a time in a run folder (a requeued job while the old one still runs)
             os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
             lock = lock_run(run_dir)
             if auto_resume and (links := foreign_links(run_dir)):
-                refused[0] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does "
+                verdict[1] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does "
                               f"not make there: it never writes or uploads through one. Replace it by the file "
                               f"itself, or remove it")
         except CheckpointError as e:
-            refused[0] = str(e)
-    if is_dist:
-        dist.broadcast_object_list(refused)
-    if refused[0]:
-        raise CheckpointError(refused[0])
+            verdict[1] = str(e)
+    heard_from_rank0(verdict)
     if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
                          if not os.path.exists(f"{run_dir}.set-aside-{n}"))
@@ -349,9 +346,8 @@ def find(run_dir, log=print):
     (sizes and sha256) and for pickled code, without loading any of it, once for every rank; a
     checkpoint that cannot be loaded is a CheckpointError on every rank."""
     import torch.distributed as dist
-    is_dist = dist.is_available() and dist.is_initialized()
     verdict = [None, None]  # (the checkpoint folder, or why it cannot be loaded)
-    if not is_dist or dist.get_rank() == 0:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         for stale in clean_partial(run_dir):
             log(f"removed {stale}: a checkpoint that a crash interrupted mid-save")
         try:
@@ -360,7 +356,14 @@ def find(run_dir, log=print):
                 scan(verdict[0])
         except CheckpointError as e:
             verdict[1] = str(e)
-    if is_dist:
+    return heard_from_rank0(verdict)
+
+
+def heard_from_rank0(verdict):
+    """verdict = [an answer, or why not] as rank 0 made it, on every rank (a collective): the answer,
+    or the same CheckpointError raised on every rank."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(verdict)
     if verdict[1]:
         raise CheckpointError(verdict[1])
