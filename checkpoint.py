@@ -19,8 +19,10 @@ torch AdamW's own state_dict (under DeepSpeed ZeRO-2 gathered from the ranks' sh
 shared out again when loaded), so a run resumes with DDP or ZeRO-2 on any number of GPUs.
 """
 
+import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+RESUME_READS = ("config.json", "model.safetensors", "training_state.pt")  # a manifest must list these
 
 
 class CheckpointError(Exception):
@@ -169,21 +172,30 @@ def lock_run(run_dir):
         raise CheckpointError(f"cannot make the lock file {path} ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks there
+            os.close(fd)
+            raise CheckpointError(f"the filesystem of {os.path.dirname(path)} does not lock files (flock: "
+                                  f"{e.strerror}), so two runs in one folder could not be told apart: put runs_dir "
+                                  f"on one that does (a local disk, NFS with its lock service, Lustre mounted with "
+                                  f"-o flock)") from None
         holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise CheckpointError(f"{run_dir} is in use by {holder}: two runs in one folder would overwrite each "
                               f"other's checkpoints and logs. Wait for it to end (or stop it), or use another "
                               f"run_name") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
-              .encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+                  f"\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds without the note of who holds it
+        pass
     return fd
 
 
 def open_run(run_dir, auto_resume, device="cpu"):
     """Make the run folder ready, on every rank (collective), before anything is written in it:
-    rank 0 takes the run's lock and refuses links pico-train does not make; auto_resume=False
+    rank 0 takes the run's lock and refuses what run_folder_problem() does; auto_resume=False
     moves a run already there aside (it is never overwritten), to <run_dir>.set-aside-<n>; and
     every rank checks that it sees the folder rank 0 made (runs_dir must be one filesystem shared
     by every node). Returns (the lock's file descriptor, the set-aside folder or None) on rank 0,
@@ -194,25 +206,25 @@ def open_run(run_dir, auto_resume, device="cpu"):
     import torch.distributed as dist
     is_dist = dist.is_available() and dist.is_initialized()
     master = not is_dist or dist.get_rank() == 0
-    verdict, lock, set_aside = [None, None], None, None
+    verdict, lock, set_aside, made = [None, None], None, None, False
     if master:
         try:  # one run at a time in a run folder (a requeued job while the old one still runs)
             os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
             lock = lock_run(run_dir)
-            if auto_resume and (links := foreign_links(run_dir)):
-                verdict[1] = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}), which pico-train does "
-                              f"not make there: it never writes or uploads through one. Replace it by the file "
-                              f"itself, or remove it")
+            problem = run_folder_problem(run_dir)  # (auto_resume=False moves a folder aside unread)
+            if problem and (auto_resume or not os.path.isdir(run_dir)):
+                raise CheckpointError(problem)
+            if not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+                set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
+                                 if not os.path.exists(f"{run_dir}.set-aside-{n}"))
+                os.rename(run_dir, set_aside)
+            made = not os.path.isdir(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
         except CheckpointError as e:
             verdict[1] = str(e)
+        except OSError as e:  # a name too long, a read-only or full disk, ...
+            verdict[1] = f"cannot make the run folder {run_dir} ({e.strerror}); check runs_dir and run_name"
     heard_from_rank0(verdict)
-    if master and not auto_resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-        set_aside = next(f"{run_dir}.set-aside-{n}" for n in range(1, 10**6)
-                         if not os.path.exists(f"{run_dir}.set-aside-{n}"))
-        os.rename(run_dir, set_aside)
-    made = master and not os.path.isdir(run_dir)
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
     if is_dist:  # each rank looks for a file rank 0 has just made there
         mark = [f".rank0-{secrets.token_hex(8)}" if master else None]
         dist.broadcast_object_list(mark)
@@ -242,17 +254,16 @@ def read_metrics(run_dir):
     mid-write leaves a partial last line)."""
     rows, bad = [], 0
     path = os.path.join(run_dir, "logs", "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    row = None
-                if isinstance(row, dict) and type(row.get("step")) is int:
-                    rows.append(row)
-                else:
-                    bad += 1
+    if os.path.lexists(path):
+        for line in read_plain(path, 2**30, "metrics log").decode(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and type(row.get("step")) is int:
+                rows.append(row)
+            else:
+                bad += 1
     return rows, bad
 
 
@@ -268,17 +279,53 @@ def keep_metrics_until(run_dir, step):
     return unreadable
 
 
-def foreign_links(run_dir):
-    """Symbolic links inside a run folder that the run did not make (all but checkpoints/latest):
-    the run would write through them (training_config.yaml, logs/) or upload what they point to."""
+def run_folder_problem(run_dir):
+    """The one rule for what a run folder may hold, checked by train.py, hub.py and dynamics.py before
+    they read or write in it: folders and plain files, and no symbolic link but checkpoints/latest (a
+    run would write through a link, or upload what it points to) and no FIFO, socket or device
+    (opening one can wait for ever). Returns one line saying what is wrong and what to do, or None."""
+    import stat
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        return f"{run_dir} is a file, not a run folder: move it away, or use another run_name"
     ours = {os.path.join(checkpoints_dir(run_dir), n) for n in ("latest", ".latest.tmp")}
-    found = []
     for root, dirs, names in os.walk(run_dir):  # os.walk does not follow links to folders
         if root == run_dir and "wandb" in dirs:
             dirs.remove("wandb")  # wandb's own folder, with links wandb makes and remakes itself
-        found += [full for name in dirs + names
-                  if os.path.islink(full := os.path.join(root, name)) and full not in ours]
-    return sorted(found)
+        for name in sorted(dirs + names):
+            full = os.path.join(root, name)
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode) and full not in ours:
+                return (f"{full} is a symbolic link (to {os.readlink(full)}), which pico-train does not make there: "
+                        f"it never reads, writes or uploads through one. Replace it by the file itself, or remove it")
+            if not (stat.S_ISLNK(mode) or stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+                return (f"{full} is {kind}, not a plain file: opening it could wait for ever, so nothing in "
+                        f"{run_dir} is read or written until it is removed")
+    return None
+
+
+def read_plain(path, limit, what="file"):
+    """The bytes of a plain file of at most `limit` bytes, read without following a symbolic link or
+    opening a FIFO or device (which could wait for ever). Anything else is a CheckpointError."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: a link
+        raise CheckpointError(f"cannot read {path} ({e.strerror}): pico-train reads plain files only, "
+                              f"never through a symbolic link") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a plain file (a FIFO or a device?): it is not read; remove it")
+        if info.st_size > limit:
+            raise CheckpointError(f"{path} is {info.st_size:,} bytes, more than a {what} ever is ({limit:,}): "
+                                  f"it is not read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
 
 
 def clean_partial(run_dir):
@@ -370,7 +417,7 @@ def heard_from_rank0(verdict):
     return verdict[0]
 
 
-def read(folder, n_params):
+def read(folder, groups, config, must_match):
     """A checkpoint folder's training state and weights ({name: tensor}), read without running any
     code and checked before any of it is used. Every rank reads; the training state is memory-mapped,
     so under ZeRO-2 each rank reads only its own shards of the optimizer state. The folder was
@@ -379,7 +426,11 @@ def read(folder, n_params):
     state_file = os.path.join(folder, "training_state.pt")
     state = load_state(state_file, mmap=True)
     check_training_state(state, state_file, int(os.path.basename(folder)[5:]))
-    check_optimizer_state(state["optimizer"], n_params, state_file)
+    bad, harmless = compare_configs(state["config"], config, must_match)
+    if bad:
+        raise CheckpointError(f"{folder}: these settings differ from the saved run: {bad}. Use another run_name, "
+                              f"or auto_resume=False to start over in {os.path.dirname(os.path.dirname(folder))}")
+    check_optimizer_state(state["optimizer"], groups, state_file, state["step"])
     try:
         weights = load_pretrained(folder).state_dict()
     except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
@@ -388,15 +439,14 @@ def read(folder, n_params):
     if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
         raise CheckpointError(f"{folder}/model.safetensors holds NaN or inf weights, so it is not resumed; point "
                               f"checkpoints/latest at an earlier step_<N>")
-    return state, weights
+    return state, weights, harmless
 
 
 def read_manifest(path):
     """{relative path: {"bytes", "sha256"}} from a checkpoint folder's manifest.json."""
     manifest = os.path.join(path, MANIFEST)
     try:
-        with open(manifest) as f:
-            files = json.load(f)["files"]
+        files = json.loads(read_plain(manifest, 2**24, "manifest"))["files"]
         if not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v) for v in files.values()):
             raise ValueError("an entry lacks 'bytes' or 'sha256' (written by an older pico-train?)")
     except FileNotFoundError:
@@ -413,6 +463,9 @@ def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=())
         files = read_manifest(path)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; it will not be loaded: {fix}") from None
+    if unlisted := [n for n in RESUME_READS if n not in files]:
+        raise CheckpointError(f"checkpoint {path}: its manifest does not list {', '.join(unlisted)}, which a resume "
+                              f"reads, so it cannot be checked; {fix}")
     for name, entry in sorted(files.items()):
         full = os.path.join(path, name)
         parts = name.split("/")
@@ -511,18 +564,63 @@ def link_zero_state(optimizer):
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def check_optimizer_state(saved, n_params, path):
-    """Refuse an optimizer state that is not optimizer_state()'s form for n_params parameters."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or (
-            saved["state"] and sorted(saved["state"]) != list(range(n_params))):
-        raise CheckpointError(f"the optimizer state in {path} is not AdamW's for this model's {n_params} parameters")
+ADAMW_SETTINGS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                  "differentiable", "fused", "decoupled_weight_decay", "initial_lr"}  # a param group's keys
+
+
+def check_optimizer_state(saved, groups, path, step):
+    """Refuse, naming the field, an optimizer state that is not optimizer_state()'s form for these
+    param groups (lists of parameters), before torch reads any of it: AdamW's state_dict with, from
+    the first optimizer step on, exactly step, exp_avg and exp_avg_sq for each parameter, plain
+    tensors of its shape with finite values, and param groups of plain settings in range."""
+    def bad(what):
+        raise CheckpointError(f"{path} is damaged: its optimizer state {what}; point checkpoints/latest at "
+                              f"another step_<N>")
+    params = [p for group in groups for p in group]
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"} or not isinstance(saved["state"], dict):
+        bad("is not AdamW's state_dict (state and param_groups)")
+    state = saved["state"]
+    if not state and step > 0:
+        bad(f"is empty at step {step} (AdamW has one for every parameter from the first step on)")
+    if state and (not all(type(k) is int for k in state) or sorted(state) != list(range(len(params)))):
+        bad(f"is not for this model's {len(params)} parameters")
+    for i, p in enumerate(params if state else []):
+        entry = state[i]
+        if not isinstance(entry, dict) or set(entry) != {"step", *OPTIMIZER_KEYS}:
+            bad(f"of parameter {i} is not AdamW's (step, exp_avg, exp_avg_sq)")
+        if any(type(v) is not torch.Tensor or v.dtype != torch.float32 for v in entry.values()):
+            bad(f"of parameter {i} holds something other than float32 tensors")
+        if entry["step"].shape != () or not 0 <= entry["step"].item() < 2**40:
+            bad(f"of parameter {i} has a step count that is not a number from 0 on")
+        for k in OPTIMIZER_KEYS:
+            if entry[k].shape != p.shape:
+                bad(f"of parameter {i} has {k} of shape {tuple(entry[k].shape)}, not its {tuple(p.shape)}")
+            if not torch.isfinite(entry[k]).all() or k == "exp_avg_sq" and (entry[k] < 0).any():
+                bad(f"of parameter {i} holds {k} values that are NaN, infinite or (exp_avg_sq) negative")
+    numbered = saved["param_groups"]
+    if not isinstance(numbered, list) or len(numbered) != len(groups) or not all(
+            isinstance(g, dict) and set(g) - {"params"} <= ADAMW_SETTINGS and
+            g.get("params") == list(range(sum(map(len, groups[:j])), sum(map(len, groups[:j + 1]))))
+            for j, g in enumerate(numbered)):
+        bad(f"does not number this model's parameters in its {len(groups)} param groups")
+    for g in numbered:
+        betas, settings = g.get("betas", (0.9, 0.999)), {k: v for k, v in g.items() if k not in ("params", "betas")}
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                type(b) is float and 0 <= b < 1 for b in betas)) or not all(
+                v is None or type(v) in (bool, int, float) and math.isfinite(v) and v >= 0 for v in settings.values()):
+            bad("has param group settings that are not plain numbers in range (betas from 0 to below 1, the rest "
+                "finite and at least 0)")
 
 
 def load_optimizer_state(optimizer, saved, groups, zero=False):
     """Load optimizer_state()'s dict into a plain AdamW or (zero) into DeepSpeed's ZeRO-2 shards of
-    this rank, whatever backend and number of ranks wrote it."""
-    if not zero:
+    this rank, whatever backend and number of ranks wrote it. The saved tensors are taken; the param
+    groups' settings stay those the run was started with, on both."""
+    if not zero:  # torch puts the saved settings back; the run's own (lr, betas, eps, weight_decay) apply
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(saved)
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update(own)
         return
     if not saved["state"]:  # saved before the first step
         return
@@ -558,14 +656,46 @@ def check_training_state(state, path, step):
     if not isinstance(config, dict) or not all(isinstance(k, str) and plain(v) for k, v in config.items()):
         bad("its settings (config) are not plain values and flat lists of them")
     position = state["data"]
-    if not isinstance(position, dict) or not all(type(position.get(k)) is int and position[k] >= 0
-                                                 for k in ("epoch", "shard", "seq")):
-        bad("its data position is not whole numbers epoch, shard and seq of at least 0")
+    if not isinstance(position, dict) or set(position) != {"dataset", "epoch", "shard", "shard_name", "seq",
+                                                            "row_len"}:
+        bad("its data position is not the data stream's (dataset, epoch, shard, shard_name, seq, row_len)")
+    if not all(type(position[k]) is int and 0 <= position[k] < 2**53 for k in ("epoch", "shard", "seq")) or not (
+            isinstance(position["dataset"], str) and isinstance(position["shard_name"], str)
+            and len(position["dataset"]) + len(position["shard_name"]) < 10_000) or not (
+            position["row_len"] is None or type(position["row_len"]) is int and 1 < position["row_len"] < 2**24):
+        bad("its data position is not whole numbers from 0 on, names, and a row length")
     rng = state["rng"]
-    if not isinstance(rng, list) or not rng or not all(
-            isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) and isinstance(r.get("python"), tuple)
-            and isinstance(r.get("numpy"), list) and len(r["numpy"]) == 5 for r in rng):
-        bad("its RNG states are not those of torch, Python and numpy for each rank")
+    if not isinstance(rng, list) or not 0 < len(rng) < 2**20:
+        bad("its RNG states are not a list, one per rank")
+    if problem := next(filter(None, map(rng_state_problem, rng)), None):
+        bad(f"its RNG states are not those of torch, Python and numpy for each rank ({problem})")
+
+
+def rng_state_problem(r):
+    """What is wrong with one rank's rng_state() as loaded, or None: each generator's state must have
+    the type, shape and range that generator takes (a 2^40-element numpy key would ask for 4 TiB)."""
+    if not isinstance(r, dict) or not {"python", "torch", "numpy"} <= set(r) <= {"python", "torch", "numpy", "cuda"}:
+        return "not a dict of python, torch, numpy (and cuda) states"
+    version, words, _ = random.getstate()
+    py = r["python"]
+    if not (isinstance(py, tuple) and len(py) == 3 and py[0] == version and isinstance(py[1], tuple)
+            and len(py[1]) == len(words) and all(type(w) is int and 0 <= w < 2**32 for w in py[1])
+            and py[1][-1] <= len(words) - 1 and (py[2] is None or type(py[2]) is float)):
+        return "python's is not Mersenne Twister's 625 words"
+    own = torch.get_rng_state()
+    if not (type(r["torch"]) is torch.Tensor and r["torch"].dtype == own.dtype and r["torch"].shape == own.shape):
+        return f"torch's is not {own.numel()} bytes"
+    if "cuda" in r and not (type(r["cuda"]) is torch.Tensor and r["cuda"].dtype == torch.uint8
+                            and r["cuda"].dim() == 1 and r["cuda"].numel() <= 64):
+        return "cuda's is not a few bytes"
+    np_state = r["numpy"]
+    if not (isinstance(np_state, list) and len(np_state) == 5 and np_state[0] == "MT19937"
+            and type(np_state[1]) is torch.Tensor and np_state[1].dtype == torch.int64 and np_state[1].shape == (624,)
+            and bool(((np_state[1] >= 0) & (np_state[1] < 2**32)).all()) and type(np_state[2]) is int
+            and 0 <= np_state[2] <= 624 and type(np_state[3]) is int and np_state[3] in (0, 1)
+            and type(np_state[4]) is float and math.isfinite(np_state[4])):
+        return "numpy's is not MT19937's 624 words and position"
+    return None
 
 
 def rng_state():

@@ -12,8 +12,8 @@ line. Also here: the .env file the guide asks users to create.
 """
 
 import ast
-import contextlib
 import difflib
+import math
 import os
 import re
 import textwrap
@@ -31,6 +31,8 @@ WRITTEN_ONLY = ("model_type", "world_size")  # training_config.yaml has them for
 NOT_FROM_YAML = ("runs_dir", "run_name", "auto_resume", "save_to_hf", "hf_repo_id", "hf_collection_slug",
                  "hf_wait_at_end_s", "save_to_wandb", "wandb_project", "wandb_entity", "data_cache_dir")
 SCALARS = (bool, int, float, str, type(None))
+WHOLE_NUMBERS = ("stop_at_step", "eval_every_n_steps", "eval_max_rows")  # settings whose default None stands for
+# a whole number; every other setting whose default is None takes a name (text): --run_name=2024 is "2024"
 
 
 def sections(script):
@@ -50,21 +52,23 @@ def sections(script):
 
 
 def check_type(key, value, default):
+    whole = type(default) is int or default is None and key in WHOLE_NUMBERS
     if isinstance(default, bool):
         ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):  # (inf and nan: no setting works with them)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif whole:
+        ok = isinstance(value, int) and not isinstance(value, bool) or default is None and value is None
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif isinstance(default, str):
+    else:  # a name: a default of "" or None
         ok = isinstance(value, str) or value is None
-    else:  # a default of None takes a plain value or a flat list of them
-        ok = isinstance(value, SCALARS) or isinstance(value, list) and all(isinstance(v, SCALARS) for v in value)
     if not ok:
-        raise SystemExit(f"config error: {key} must be {type(default).__name__} (like its default "
-                         f"{default!r}), got {value!r}")
+        kind = ("a finite number" if isinstance(default, float) else "a whole number" if whole else
+                "True or False" if isinstance(default, bool) else "a list of names" if isinstance(default, list)
+                else "a name (text)")
+        raise SystemExit(f"config error: {key} must be {kind}{' or None' if default is None else ''} (its default "
+                         f"is {default!r}), got {value!r}")
     return float(value) if isinstance(default, float) else value
 
 
@@ -144,26 +148,50 @@ def configure(argv, settings):
             value = text  # a bare string: --run_name=demo
         if isinstance(defaults[key], list) and isinstance(value, str):
             value = [v for v in value.split(",") if v]  # --layer_suffixes=a,b (empty: none)
-        if isinstance(defaults[key], str) and isinstance(value, (int, float)):
-            value = text  # --run_name=2024 stays a string
+        named = isinstance(defaults[key], str) or defaults[key] is None and key not in WHOLE_NUMBERS
+        if named and value is not None and not isinstance(value, str):
+            value = text  # --run_name=2024 stays a name
         settings[key] = check_type(key, value, defaults[key])
     return names, ignored
 
 
+class PlainYaml(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, as it reads, what no training_config.yaml has: aliases (*name,
+    which can make a few bytes expand into gigabytes) and nesting deeper than MAX_DEPTH (a few KB of
+    brackets would otherwise take hours to parse, or overflow Python's stack)."""
+    MAX_DEPTH = 8
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("it uses YAML aliases (*name), which a training_config.yaml never has: they can "
+                                 "make a few bytes expand into gigabytes")
+        self.depth = getattr(self, "depth", 0) + 1
+        if self.depth > self.MAX_DEPTH:
+            raise yaml.YAMLError(f"it nests values more than {self.MAX_DEPTH} deep (a training_config.yaml is "
+                                 f"section: setting: value)")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_plain_yaml(path, limit=1_000_000):
+    """The value in a YAML file that no one can make this process hang on or run code with: a plain
+    file (no link, FIFO or device) of at most `limit` bytes, read by PlainYaml. Raises
+    checkpoint.CheckpointError or yaml.YAMLError, each with a message that says why."""
+    import checkpoint  # (here: it loads torch, which the rest of this file does not need)
+    text = checkpoint.read_plain(path, limit, "training_config.yaml").decode("utf-8", errors="replace")
+    return yaml.load(text, Loader=PlainYaml)  # noqa: S506 - PlainYaml is a SafeLoader
+
+
 def read_yaml(path):
     """The settings in a training_config.yaml (the layout train.py writes: {section: {setting: value}}),
-    read with yaml.safe_load: a file from someone else's run cannot run code."""
-    if os.path.getsize(path) > 1_000_000:
-        raise SystemExit(f"config error: {path} is {os.path.getsize(path):,} bytes, too large for a "
-                         f"training_config.yaml")
-    with open(path) as f:
-        text = f.read()
-    with contextlib.suppress(yaml.YAMLError):  # (a malformed file is reported below)
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
-            raise SystemExit(f"config error: {path} uses YAML aliases (*name), which a training_config.yaml never "
-                             f"has: they can make a few bytes expand into gigabytes")
+    read by load_plain_yaml: a file from someone else's run cannot run code or make this hang."""
+    import checkpoint
     try:
-        tree = yaml.safe_load(text)
+        tree = load_plain_yaml(path)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"config error: {e}") from None
     except yaml.YAMLError as e:
         raise SystemExit(f"config error: {path} is not plain YAML ({str(e).splitlines()[0]}); a run's "
                          f"training_config.yaml holds only sections of settings and values") from None
@@ -276,6 +304,9 @@ def refuse_unworkable(s):
             raise SystemExit(f"config error: {name} must be at least 0 and {bound} 1, got {value!r}")
     if not adam_eps > 0:
         raise SystemExit(f"config error: adam_eps must be above 0 (it keeps AdamW's division finite), got {adam_eps!r}")
+    if s["dist_timeout_min"] > 10080:
+        raise SystemExit(f"config error: dist_timeout_min must be at most 10080 (a week), got {s['dist_timeout_min']}"
+                         f": a rank that waits longer for the others has lost them")
     if stop_at_step is not None and stop_at_step > max_steps:
         raise SystemExit(f"config error: stop_at_step {stop_at_step} is past max_steps {max_steps}, so it would "
                          f"never be reached: the run ends at max_steps")

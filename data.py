@@ -58,6 +58,7 @@ DEMO_DIR = os.path.join(HERE, "data", "demo")
 TOKENIZER_PATH = os.path.join(HERE, "data", "tokenizer", "allenai_gpt-neox-olmo-dolma-v1_5.json")
 TOKENIZER_SHA256 = "9ad33b4b39a9f83973c3f8c42a01948dd5b877a28ac9a5356956c4ff4ed0b714"
 ROW_LEN = 2049
+MAX_ROW_TOKENS = 2**20  # longer rows are refused unread: 1 row of 2049 tokens is pico-train's
 
 
 class DataError(ValueError):
@@ -105,6 +106,7 @@ class TrainStream:
                 raise DataError(f"{name}: the dataset has no rows")
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
         self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
+        self._saved_row_len = False  # the row length came from a checkpoint, and no row has been read yet
 
     def _seqs_per_row(self, shard):
         if self._windows is None:  # all shards of a dataset share one row length
@@ -123,7 +125,10 @@ class TrainStream:
             shard = self.shards[self.shard]
             k = self._seqs_per_row(shard)
             total = shard.num_rows * k
-            if self.seq >= total:  # end of shard -> next shard, next epoch after the last one
+            if self.seq > total:  # only a saved position can be
+                raise self._not_resumable(f"its data position, sequence {self.seq:,} of {shard.name}, is past "
+                                          f"its end ({total:,} sequences)")
+            if self.seq == total:  # end of shard -> next shard, next epoch after the last one
                 shard.close()
                 self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
                 if self.shard == len(self.shards):
@@ -136,7 +141,14 @@ class TrainStream:
                 self.hub.prefetch(self.shard + 1)
             take = min(n, total - self.seq)
             row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
-            ids = rows_to_array(shard.read(row0, row1), shard.name, row0, self.vocab_size, self._row_len)
+            table = shard.read(row0, row1, row_len=None if self._saved_row_len else self._row_len)
+            if self._saved_row_len:  # a checkpoint's row length, held against the first row read
+                self._saved_row_len = False
+                found = int(list_lengths(table.column("input_ids").combine_chunks())[0])
+                if found != self._row_len:
+                    raise self._not_resumable(f"its data position counts rows of {self._row_len} tokens, but "
+                                              f"{shard.name} has rows of {found}")
+            ids = rows_to_array(table, shard.name, row0, self.vocab_size, self._row_len)
             seqs = to_windows(ids, self.seq_len) if k > 1 else ids
             out.append(seqs[self.seq - row0 * k:self.seq - row0 * k + take])
             self.seq, n = self.seq + take, n - take
@@ -177,9 +189,17 @@ class TrainStream:
                             f"{state['shard']} ({state['shard_name']}), which this dataset no longer "
                             f"has at that index ({len(self.shards)} shards now)")
         self.epoch, self.shard, self.seq = state["epoch"], state["shard"], state["seq"]
-        if state.get("row_len"):  # known already: no need to read a row to learn it
-            self._row_len = state["row_len"]
-            self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
+        if state.get("row_len"):  # known already: no need to read a row to learn it (checked at the first read)
+            self._row_len, self._saved_row_len = state["row_len"], True
+            try:
+                self._windows = windows_per_row(self._row_len, self.seq_len, self.name)
+            except DataError:
+                raise self._not_resumable(f"its data position counts rows of {self._row_len} tokens, which no "
+                                          f"max_seq_len={self.seq_len} dataset has") from None
+
+    def _not_resumable(self, what):
+        return DataError(f"cannot resume {self.name} from the checkpoint: {what}; the data changed since that "
+                         f"checkpoint, or the checkpoint is damaged")
 
 
 def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, cache_dir=None):
@@ -192,6 +212,9 @@ def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, ca
         if n > 0:
             arrays.append(rows_to_array(shard.read(0, n), shard.name, 0, vocab_size))
             rows += n
+    if not arrays:
+        raise DataError(f"{name}: its {split or 'evaluation'} split has no rows to evaluate on; name another "
+                        f"(eval_dataset_name, eval_dataset_split)")
     lengths = {a.shape[1] for a in arrays}
     if len(lengths) != 1:
         raise DataError(f"{name}: shards have different row lengths {sorted(lengths)}")
@@ -317,12 +340,29 @@ class ParquetShard:
     def num_rows(self):
         return int(self._open().metadata.num_rows)
 
-    def read(self, start, stop, columns=("input_ids",)):
-        """Rows [start, stop) as a pyarrow Table, reading only the row groups that hold them."""
+    def check_size(self, g, row_len=None):
+        """Refuse row group g, from the file's metadata alone, if it holds more tokens than its rows
+        can: more than MAX_ROW_TOKENS a row, or (row_len known) more than row_len a row. A few KB of
+        compressed parquet can otherwise unpack to gigabytes before a row's length is checked."""
+        meta = self._file.metadata.row_group(g)
+        column = next(meta.column(j) for j in range(meta.num_columns)
+                      if meta.column(j).path_in_schema.split(".")[0] == "input_ids")
+        most = meta.num_rows * (row_len or MAX_ROW_TOKENS)
+        if column.num_values > most:
+            rows = f"rows {self._starts[g]}-{self._starts[g + 1] - 1}"
+            raise DataError(f"{self.name}: row group {g} ({rows}) holds {column.num_values:,} token ids in "
+                            f"{meta.num_rows:,} rows, so a row has more than " +
+                            (f"the {row_len} tokens the others have" if row_len else f"{MAX_ROW_TOKENS:,} tokens") +
+                            "; it is not read (a damaged or hostile file)")
+
+    def read(self, start, stop, columns=("input_ids",), row_len=None):
+        """Rows [start, stop) as a pyarrow Table, reading only the row groups that hold them (each
+        checked first: check_size)."""
         f, pieces = self._open(), []
         g = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < stop:
             if self._cached[0] != (g, columns):
+                self.check_size(g, row_len)
                 try:
                     self._cached = ((g, columns), f.read_row_group(g, columns=list(columns)))
                 except (pa.ArrowException, OSError) as e:  # a damaged data page
@@ -450,7 +490,7 @@ class TableShard:
     def close(self):
         pass  # memory-mapped: nothing to let go of
 
-    def read(self, start, stop, columns=("input_ids",)):
+    def read(self, start, stop, columns=("input_ids",), row_len=None):
         return self.table.select(list(columns)).slice(start, stop - start)
 
 

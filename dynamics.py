@@ -24,6 +24,7 @@ gradients are untouched), rows are read without moving the data stream, and noth
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -269,8 +270,12 @@ def plot(run_dir):
     evals = []
     for step in sorted(int(n[5:-5]) for n in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
                        if re.fullmatch(r"step_\d+\.json", n)):
-        with open(os.path.join(eval_dir, f"step_{step}.json")) as f:
-            evals.append({"step": step, **{k: v for k, v in json.load(f).items() if isinstance(v, float)}})
+        try:
+            results = json.loads(checkpoint.read_plain(os.path.join(eval_dir, f"step_{step}.json"), 2**20, "result"))
+        except (ValueError, RecursionError):
+            results = notes.append(f"eval_results/step_{step}.json is not a JSON object of numbers: passed over")
+        if isinstance(results, dict):
+            evals.append({"step": step, **{k: v for k, v in results.items() if isinstance(v, float)}})
     steps = checkpoint.saved_steps(run_dir)
     log_axis = 1 in steps and 2 in steps  # log-spaced checkpoints: early steps get room
     def scale(ax):
@@ -353,14 +358,16 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not os.path.isdir(checkpoint.checkpoints_dir(args.run_dir)):
         raise SystemExit(f"{args.run_dir}: not a run folder (no checkpoints/ in it)")
-    if links := checkpoint.foreign_links(args.run_dir):  # plots/ would be written through them
-        raise SystemExit(f"{links[0]} is a symbolic link, which pico-train does not make there: it writes no file "
-                         f"through it; replace it by the file itself, or remove it")
+    if problem := checkpoint.run_folder_problem(args.run_dir):  # plots/ would be written through a link, say
+        raise SystemExit(f"cannot plot {args.run_dir}: {problem}")
     t0 = time.time()
     try:
         files, notes = plot(args.run_dir)
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"cannot plot {args.run_dir}: {e}") from None
+    except OSError as e:  # a read-only or full disk
+        raise SystemExit(f"cannot plot {args.run_dir}: {e.strerror} writing {e.filename or 'its plots/'} "
+                         f"({shutil.disk_usage(args.run_dir).free / 2**30:.1f} GiB free there)") from None
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {', '.join(files)} in {time.time() - t0:.1f}s")

@@ -16,9 +16,13 @@ finds steps by these titles):
 The branch root always holds the newest files; an older step is read at its commit.
 
 Uploads run in a background thread on rank 0 and never block training. The run folder is the queue:
-what is left to upload is every commit of a sealed checkpoint whose title the branch does not have
-yet, in step order. So a crash, a kill or a Hub outage loses nothing, the next start (or `python
-hub.py push runs/<run>`) uploads the rest, and nothing is committed twice.
+what is left to upload is every commit of a sealed checkpoint whose content the branch does not
+hold under its title yet, in step order. Content is the sha256 of each file, and each commit says it
+in its description ("content sha256 <digest of the files' sha256s>"); a titled commit without one
+(pico-train's own, say) is compared file by file with the branch's listing. So a crash, a kill or
+a Hub outage loses nothing, the next start (or `python hub.py push runs/<run>`) uploads the rest,
+nothing is committed twice, and a step saved again with other bytes (a retrain from an earlier
+step, a run started over) is uploaded again, as a new commit under the same title.
 
 Command line:
     python hub.py list <repo> --branch <run>
@@ -30,6 +34,7 @@ Command line:
 import argparse
 import errno
 import fnmatch
+import hashlib
 import itertools
 import os
 import re
@@ -37,6 +42,7 @@ import threading
 import time
 
 TITLE_RE = re.compile(r"^(.*) -- Step (\d+)$")
+DIGEST_RE = re.compile(r"content sha256 ([0-9a-f]{64})")  # in a commit's description: what it holds
 # what each commit holds: (title, files of the checkpoint folder, where they go in the repo)
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.py"]  # model.py: not a Llama
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
@@ -161,12 +167,37 @@ def plan_commits(run_dir, step):
             stale = [f"learning_dynamics/{s}_*" for s in ("train", "val") if s == split or s not in dynamics_files]
             commits.append({"title": f"Saving Learning Dynamics Data ({split}) -- Step {step}",
                             "files": dynamics_files[split], "delete": stale})
-    return [dict(c, step=step) for c in commits]
+    return [dict(c, step=step, digest=content_digest(c["files"])) for c in commits]
+
+
+_hashes = {}  # (path, size, mtime, inode) -> sha256: a sealed checkpoint is hashed once per process
+
+
+def local_sha256(path):
+    import checkpoint
+    info = os.stat(path)
+    key = (path, info.st_size, info.st_mtime_ns, info.st_ino)
+    if key not in _hashes:
+        _hashes[key] = checkpoint.file_sha256(path)
+    return _hashes[key]
+
+
+def content_digest(files):
+    """What a commit holds, as one sha256: of the lines "<repo path>\t<sha256 of the file>", sorted."""
+    return hashlib.sha256("".join(f"{k}\t{local_sha256(v)}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+def git_blob_sha1(path):
+    """The id git (and so the Hub's listing) gives a file kept in git rather than LFS."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class Uploader:
     """Rank 0's uploads, in one background thread that training never waits for. The run folder is
-    the queue: what is left is the commits of its sealed checkpoints whose titles the branch lacks."""
+    the queue: what is left is the commits of its sealed checkpoints whose content the branch does
+    not hold under their title (the module's docstring)."""
 
     def __init__(self, run_dir, repo_id, branch, collection_slug=None, log_fn=print):
         from huggingface_hub import HfApi
@@ -178,7 +209,8 @@ class Uploader:
         import checkpoint
         self.steps = lambda: checkpoint.saved_steps(run_dir)  # the sealed checkpoints, in order
         self.earlier = self.steps()  # those of earlier sessions
-        self.on_hub, self.left, self.failed, self.stopping = set(), None, None, False  # left: None until read
+        # on_hub: title -> (the digest its newest commit states or None, that commit's id); left: None until read
+        self.on_hub, self.same, self.left, self.failed, self.stopping = {}, {}, None, None, False
         self.wake = threading.Event()  # a checkpoint was sealed (nudge), or the run is ending
         self.thread = threading.Thread(target=self._work, name="hub-uploader", daemon=True)
         self.thread.start()
@@ -187,8 +219,25 @@ class Uploader:
         self.wake.set()
 
     def todo(self):
-        return [c for step in self.steps() for c in plan_commits(self.run_dir, step)
-                if c["title"] not in self.on_hub]
+        return [c for step in self.steps() for c in plan_commits(self.run_dir, step) if not self.holds(c)]
+
+    def holds(self, c):
+        """Whether the branch's newest commit titled as c holds c's files, byte for byte."""
+        if c["title"] not in self.on_hub:
+            return False
+        digest, commit_id = self.on_hub[c["title"]]
+        if digest is not None:
+            return digest == c["digest"]
+        if (commit_id, c["digest"]) not in self.same:  # no digest stated: its files, one by one, from the listing
+            from huggingface_hub.hf_api import RepoFile
+            listing = self._call(lambda: self.api.list_repo_tree(self.repo_id, revision=commit_id, recursive=True),
+                                 f"listing {c['title']}")
+            remote = {f.path: f for f in listing if isinstance(f, RepoFile)}
+            self.same[commit_id, c["digest"]] = all(
+                path in remote and (remote[path].lfs.sha256 == local_sha256(local) if remote[path].lfs else
+                                    remote[path].blob_id == git_blob_sha1(local))
+                for path, local in c["files"].items())
+        return self.same[commit_id, c["digest"]]
 
     def _call(self, fn, what):
         said = []  # the first retry is logged; the others go on quietly, 30 s apart at most
@@ -213,10 +262,15 @@ class Uploader:
                                                                exists_ok=True), f"adding {repo} to {self.collection}")
                 except PermanentError as e:
                     self.log(f"hub: not added to the collection: {e}")
-            self.on_hub = {c.title for c in self._call(lambda: api.list_repo_commits(repo, revision=branch),
-                                                       "listing commits")}
+            for c in self._call(lambda: api.list_repo_commits(repo, revision=branch), "listing commits"):
+                if c.title not in self.on_hub:  # (newest first: the commit a download of that title reads)
+                    self.on_hub[c.title] = (m.group(1) if (m := DIGEST_RE.search(c.message or "")) else None,
+                                            c.commit_id)
             remote = set(self._call(lambda: api.list_repo_files(repo, revision=branch), "listing files"))  # kept below
             self.left = self.todo()
+            if changed := sorted({c["step"] for c in self.left if c["title"] in self.on_hub}):
+                self.log(f"hub: step(s) {', '.join(map(str, changed))} here differ from those on {repo}@{branch} "
+                         f"(saved again since): uploading them again, as new commits")
             if earlier := sum(c["step"] in self.earlier for c in self.left):
                 self.log(f"hub: {earlier} commit(s) left from an earlier session; uploading them first")
             while True:
@@ -229,12 +283,15 @@ class Uploader:
                                    if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"]))
                     ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + \
                         [CommitOperationDelete(p) for p in stale]
-                    self._call(lambda ops=ops, title=c["title"]: api.create_commit(repo, ops, commit_message=title,
-                                                                                   revision=branch), c["title"])
+                    description = f"content sha256 {c['digest']} (of the sorted lines 'path<TAB>sha256' of its files)"
+                    self._call(lambda ops=ops, title=c["title"], d=description: api.create_commit(
+                        repo, ops, commit_message=title, commit_description=d, revision=branch), c["title"])
                     remote = (remote - set(stale)) | set(c["files"])
-                    self.on_hub.add(c["title"])
+                    again = c["title"] in self.on_hub
+                    self.on_hub[c["title"]] = (c["digest"], None)
                     self.left = self.left[1:]
-                    self.log(f"hub: {c['title']}: uploaded")
+                    self.log(f"hub: {c['title']}: uploaded" + (" again (the branch held other bytes under that title)"
+                                                               if again else ""))
                 self.wake.clear()
                 self.left = self.todo()
         except Exception as e:  # noqa: BLE001 - the uploader never takes training down
@@ -322,14 +379,28 @@ def download(repo_id, branch, step, what, out_dir, steps=None):
 
 def restore(repo_id, branch, step, run_dir, unchecked=False):
     """Rebuild runs/<run>/checkpoints/step_<N> (and latest) from the Hub, so train.py resumes there.
-    The files are checked against the manifest uploaded with them (sizes and sha256) and scanned
-    for pickled code before the checkpoint is sealed; a bad one leaves nothing behind. A step
-    uploaded without a manifest cannot be checked and is restored only when `unchecked` says so
-    (the manifest written then makes it look checked later)."""
+    Local work is never replaced, hidden or rewound: a run folder that holds step N or a later one is
+    refused, as is one that breaks checkpoint.run_folder_problem()'s rule, and the run's lock is held
+    throughout (a run training there is never written under). The files are checked against the
+    manifest uploaded with them (sizes and sha256), which must list every file a resume reads, and
+    scanned for pickled code before the checkpoint is sealed; a bad one leaves nothing behind. A step
+    uploaded without a manifest cannot be checked and is restored only when `unchecked` says so (the
+    manifest written then makes it look checked later)."""
     import shutil
     import tempfile
 
     import checkpoint
+    where = f"step {step} of {repo_id}@{branch}"
+    if problem := checkpoint.run_folder_problem(run_dir):
+        raise checkpoint.CheckpointError(problem)
+    os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
+    lock = checkpoint.lock_run(run_dir)  # held until this process ends
+    if later := [s for s in checkpoint.saved_steps(run_dir) if s >= step]:
+        raise checkpoint.CheckpointError(
+            f"{run_dir} already holds step(s) {', '.join(map(str, later[:8]))}, its own work at or after step {step}, "
+            f"which restoring {where} would replace or hide. Restore into a new folder (--run-dir "
+            f"{run_dir}-from-{step}), or move {run_dir} aside first")
+    reachable()
     steps = list_steps(repo_id, branch)
     with tempfile.TemporaryDirectory() as tmp:
         for what in ("model", "state", "tokenizer", "config"):
@@ -351,28 +422,74 @@ def restore(repo_id, branch, step, run_dir, unchecked=False):
                 checkpoint.verify(target, fix=fix, skip=("learning_dynamics/",))  # not restored: not needed to resume
             elif not unchecked:
                 raise checkpoint.CheckpointError(
-                    f"step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST} (uploaded by an older "
-                    f"pico-train), so its files cannot be checked for damage; restore it anyway with --unchecked")
+                    f"{where} has no {checkpoint.MANIFEST} (uploaded by an older pico-train), so its files cannot "
+                    f"be checked for damage; restore it anyway with --unchecked")
             else:
-                print(f"warning: step {step} of {repo_id}@{branch} has no {checkpoint.MANIFEST}: restored unchecked "
-                      f"(--unchecked); the manifest written now records the files as they came")
+                print(f"warning: {where} has no {checkpoint.MANIFEST}: restored unchecked (--unchecked); the "
+                      f"manifest written now records the files as they came")
             checkpoint.scan(target)
             checkpoint.write_manifest(target, step)  # of the files restored
+        except checkpoint.CheckpointError as e:  # named as the user knows it, not by the folder deleted now
+            shutil.rmtree(target, ignore_errors=True)
+            raise checkpoint.CheckpointError(str(e).replace(f"checkpoint {target}", where).replace(target, where)) \
+                from None
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
-        if not os.path.exists(os.path.join(run_dir, "training_config.yaml")):
-            shutil.copy(os.path.join(tmp, "training_config.yaml"), run_dir)
-        return checkpoint.commit(run_dir, step, target)
+        yaml_path = os.path.join(run_dir, "training_config.yaml")
+        if not os.path.lexists(yaml_path):  # (a run's own is kept)
+            shutil.copy(os.path.join(tmp, "training_config.yaml"), yaml_path + ".tmp")
+            os.replace(yaml_path + ".tmp", yaml_path)
+        done = checkpoint.commit(run_dir, step, target)  # `latest` -> the restored step, the newest there
+    os.close(lock)
+    return done
 
 
-def push(run_dir, timeout=3600.0):
-    """Upload what of a run's checkpoints is not on its branch yet (say the Hub was down at the end)."""
-    import yaml
-    with open(os.path.join(run_dir, "training_config.yaml")) as f:
-        cfg = yaml.safe_load(f)["checkpointing"]
-    uploader = Uploader(run_dir, cfg["hf_repo_id"], cfg["run_name"], log_fn=print)
+def push(run_dir, repo_id=None, timeout=3600.0):
+    """Upload what of a run's checkpoints is not on its branch yet (say the Hub was down at the end).
+    The repository is repo_id or the run's hf_repo_id, the branch its run_name; both are said first."""
+    import checkpoint
+    import configurator
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if problem := checkpoint.run_folder_problem(run_dir):
+        raise SystemExit(f"hub.py push: {problem}")
+    if not os.path.isdir(checkpoint.checkpoints_dir(run_dir)):
+        raise SystemExit(f"hub.py push: {run_dir} is not a run folder (no checkpoints/ in it)")
+    settings = configurator.read_yaml(os.path.join(run_dir, "training_config.yaml"))
+    repo_id, branch = repo_id or settings.get("hf_repo_id"), settings.get("run_name") or os.path.basename(run_dir)
+    if not repo_id:
+        raise SystemExit(f"hub.py push: {run_dir}/training_config.yaml names no hf_repo_id (the run was not set up "
+                         f"to go to the Hub); name the repository: python hub.py push {run_dir} --repo <you>/<model>")
+    try:
+        if not isinstance(repo_id, str):
+            raise HFValidationError("it is not a string")
+        validate_repo_id(repo_id)
+        if not isinstance(branch, str) or not re.fullmatch(r"[\w.-]{1,96}", branch):
+            raise HFValidationError(f"its run_name {branch!r} is not a branch name")
+    except HFValidationError as e:
+        raise SystemExit(f"hub.py push: {run_dir}/training_config.yaml: hf_repo_id {repo_id!r} and run_name "
+                         f"{branch!r} do not name a repository and branch ({error_line(e)})") from None
+    reachable()
+    print(f"pushing {run_dir} to {repo_id}@{branch}")
+    uploader = Uploader(run_dir, repo_id, branch, log_fn=print)
     return uploader.finish(timeout)
+
+
+def reachable():
+    """Fail fast, in one line, where the Hub cannot be reached at all (the client would retry for
+    half a minute before saying so)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit("hub.py: HF_HUB_OFFLINE is set, and this command needs the Hub: unset it")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+    except OSError as e:
+        raise SystemExit(f"hub.py: cannot reach the Hub at {constants.ENDPOINT} ({e.strerror or e}); check the "
+                         f"network (or HF_ENDPOINT)") from None
 
 
 def parse_args():
@@ -395,10 +512,17 @@ def parse_args():
     p.add_argument("--unchecked", action="store_true", help="restore a step uploaded without a manifest")
     p = sub.add_parser("push", help="upload what of a run's checkpoints is not on the Hub yet")
     p.add_argument("run_dir")
+    p.add_argument("--repo", help="the repository (default: the run's hf_repo_id)")
     return parser.parse_args()
 
 
 def main(args):
+    if args.cmd == "download" and os.path.lexists(args.out):
+        import checkpoint
+        if problem := checkpoint.run_folder_problem(args.out):  # (the same rule as a run folder's)
+            raise SystemExit(f"hub.py download: {problem}")
+    if args.cmd in ("list", "download"):
+        reachable()  # (restore and push check the local folder first)
     if args.cmd == "list":
         for step, commits in list_steps(args.repo, args.branch).items():
             print(f"step {step}: " + ", ".join(f"{t} ({cid[:8]})" for t, cid in commits.items()))
@@ -409,7 +533,7 @@ def main(args):
         print(f"restored {restore(args.repo, args.branch, args.step, args.run_dir, args.unchecked)}; "
               f"now run train.py with run_name/runs_dir pointing at {args.run_dir}")
     else:
-        raise SystemExit(0 if push(args.run_dir) else 1)
+        raise SystemExit(0 if push(args.run_dir, args.repo) else 1)
 
 
 if __name__ == "__main__":

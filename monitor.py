@@ -5,8 +5,10 @@ save_to_wandb=True (WANDB_MODE=offline works with no key). Rank 0 reports; on th
 call does nothing, so train.py makes them wherever it stands.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import time
 from datetime import datetime
 
@@ -38,16 +40,36 @@ class Monitor:
             print(line, flush=True)
         self.waiting.append(line)
         if self.file:
-            self.file.write("\n".join(self.waiting) + "\n")
-            self.file.flush()
+            with self.writing("logs/train.log"):
+                self.file.write("\n".join(self.waiting) + "\n")
+                self.file.flush()
             self.waiting.clear()
+
+    def refuse(self, msg):
+        """A refusal that ends the run: into logs/train.log too, then raised by the caller as SystemExit."""
+        self.log(msg, console=False)  # (the console gets it once, from SystemExit)
+        return SystemExit(msg)
+
+    @contextlib.contextmanager
+    def writing(self, name):
+        """A write to the run folder; one that fails (a full disk) stops the run with one line, which
+        leaves it resumable from its last checkpoint (rank 0 stops; torchrun then stops the others)."""
+        try:
+            yield
+        except OSError as e:
+            self.file = None  # nothing more is written to the log
+            free = shutil.disk_usage(self.run_dir).free / 2**30
+            raise SystemExit(f"cannot write {os.path.join(self.run_dir, name)} ({e.strerror}; {free:.1f} GiB free "
+                             f"there): stopping. Free some space, then run again: the run resumes from its last "
+                             f"checkpoint") from None
 
     def open(self, run_dir):
         """Start writing logs/ in the run folder (made by then), with the lines said before it."""
         self.run_dir = run_dir
         if self.master:
-            os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-            self.file = open(os.path.join(run_dir, "logs", "train.log"), "a")
+            with self.writing("logs/train.log"):
+                os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+                self.file = open(os.path.join(run_dir, "logs", "train.log"), "a")
 
     def start_wandb(self, project, entity, run_name, config):
         """The wandb run of this run: the same id on every session, so a resumed run continues it."""
@@ -60,7 +82,8 @@ class Monitor:
     def metrics(self, row):
         """A row {"step": N, name: number, ...} to logs/metrics.jsonl and wandb."""
         if self.master:
-            with open(os.path.join(self.run_dir, "logs", "metrics.jsonl"), "a") as f:
+            with self.writing("logs/metrics.jsonl"), open(os.path.join(self.run_dir, "logs", "metrics.jsonl"),
+                                                          "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -72,9 +95,12 @@ class Monitor:
         self.log(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items())
                  + f" on {results['rows']} sequences of {where}")
         if self.master:
-            os.makedirs(os.path.join(self.run_dir, "eval_results"), exist_ok=True)
-            with open(os.path.join(self.run_dir, "eval_results", f"step_{step}.json"), "w") as f:
-                json.dump(results, f, indent=2)
+            path = os.path.join(self.run_dir, "eval_results", f"step_{step}.json")
+            with self.writing(f"eval_results/step_{step}.json"):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as f:  # then renamed over it: a crash leaves the old file or the new
+                    json.dump(results, f, indent=2)
+                os.replace(path + ".tmp", path)
         self.metrics({"step": step, **{f"eval/{k}": v for k, v in numbers.items()}})
 
     def dynamics(self, step, captured):

@@ -281,17 +281,13 @@ def resume():
         folder = checkpoint.find(run_dir, log=log)  # rank 0 checks it, for every rank
         if folder is None:
             return None, None
-        state, weights = checkpoint.read(folder, len(decay + no_decay))  # every rank
+        state, weights, harmless = checkpoint.read(folder, (decay, no_decay), run_state, MUST_MATCH)  # every rank
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"cannot resume: {e}") from None
-    bad, harmless = checkpoint.compare_configs(state["config"], run_state, MUST_MATCH)
-    if bad:
-        raise SystemExit(f"cannot resume {folder}: these settings differ from the saved run: {bad}. Use another "
-                         f"run_name, or auto_resume=False to start over in {run_dir}.")
+        raise report.refuse(f"cannot resume: {e}") from None
     if harmless:
         log(f"resuming with changed settings: {harmless}")
     if state["step"] > max_steps:
-        raise SystemExit(f"cannot resume {folder}: it is at step {state['step']}, past max_steps "
+        raise report.refuse(f"cannot resume {folder}: it is at step {state['step']}, past max_steps "
                          f"{max_steps}; set max_steps to at least {state['step']} to go on training this run")
     with torch.no_grad():
         for p, q in zip(raw_model.state_dict().values(), weights.values(), strict=True):
@@ -301,7 +297,7 @@ def resume():
     try:
         train_data.load_state_dict(state["data"])
     except data.DataError as e:
-        raise SystemExit(f"data error: {e}") from None
+        raise report.refuse(f"data error: {e}") from None
     log(f"resumed from {folder} at step {state['step']}")
     if master and (unreadable := checkpoint.keep_metrics_until(run_dir, state["step"])):  # later steps are redone
         log(f"{unreadable} line(s) of {run_dir}/logs/metrics.jsonl were not rows (a crash mid-write?) and were dropped")
@@ -370,8 +366,7 @@ def fail(reason, fix="lower lr (or check the data)"):
     last = os.path.realpath(link) if os.path.lexists(link) else None
     msg = (f"{reason}; stopping. The last good checkpoint is {last}: {fix} and run again "
            f"to resume from it." if last else f"{reason}; stopping, with no checkpoint saved.")
-    log(msg, console=False)  # the console gets it once, from SystemExit
-    raise SystemExit(msg)
+    raise report.refuse(msg)
 
 
 def capture_dynamics(step, fused):
@@ -469,7 +464,7 @@ def next_batch(step):
     try:
         return train_data.next_batch()
     except data.DataError as e:
-        raise SystemExit(f"data error in the batch of step {step + 1}: {e}") from None
+        raise report.refuse(f"data error in the batch of step {step + 1}: {e}") from None
 
 
 def reduce_gradients_now(last_micro_step):

@@ -18,6 +18,7 @@ class HubState:
     def __init__(self):
         self.repos = {}  # repo_id -> {"branches": {name: commit id}, "commits": {id: commit}}
         self.blobs = {}  # sha256 hex -> bytes
+        self.regular = set()  # sha256 of the blobs sent as regular (not LFS) files: the tree lists them by git sha1
         self.lock = threading.Lock()
         self.count = threading.Lock()  # guards bytes_sent (replies are written outside self.lock)
         self.requests = []  # (method, path) of every request, for assertions
@@ -26,9 +27,9 @@ class HubState:
         self.bytes_sent = 0  # response body bytes, all requests together (to measure what downloads cost)
         self.rate = None  # bytes per second: bodies are sent at this pace (a slow link); None: at once
 
-    def new_commit(self, repo, parent, title, files):
+    def new_commit(self, repo, parent, title, files, message=""):
         cid = hashlib.sha1(f"{len(repo['commits'])}{title}{time.time_ns()}".encode()).hexdigest()
-        repo["commits"][cid] = {"id": cid, "parent": parent, "title": title, "files": files,
+        repo["commits"][cid] = {"id": cid, "parent": parent, "title": title, "files": files, "message": message,
                                 "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
         return cid
 
@@ -222,6 +223,7 @@ class Handler(BaseHTTPRequestHandler):
                 data = base64.b64decode(value["content"])
                 oid = hashlib.sha256(data).hexdigest()
                 self.state.blobs[oid] = data
+                self.state.regular.add(oid)
                 files[value["path"]] = oid
             elif key == "lfsFile":
                 if value["oid"] not in self.state.blobs:
@@ -234,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
             elif key == "deletedFolder":
                 prefix = value["path"].rstrip("/") + "/"
                 files = {k: v for k, v in files.items() if not k.startswith(prefix)}
-        cid = self.state.new_commit(repo, parent, header["summary"], files)
+        cid = self.state.new_commit(repo, parent, header["summary"], files, header.get("description", ""))
         repo["branches"][branch] = cid
         self.reply(200, {"commitUrl": f"{self.base}/{repo_id}/commit/{cid}", "commitOid": cid, "success": True})
 
@@ -245,7 +247,7 @@ class Handler(BaseHTTPRequestHandler):
         out = []
         while cid is not None:
             c = repo["commits"][cid]
-            out.append({"id": cid, "title": c["title"], "message": "", "authors": [{"user": "tester"}],
+            out.append({"id": cid, "title": c["title"], "message": c["message"], "authors": [{"user": "tester"}],
                         "date": c["date"]})
             cid = c["parent"]
         self.reply(200, out)
@@ -267,9 +269,13 @@ class Handler(BaseHTTPRequestHandler):
                     dirs.add(folder)
                     entries.append({"type": "directory", "path": folder, "oid": "0" * 40, "size": 0})
             if recursive or len(rest) == 1:
-                size = len(self.state.blobs[oid])
-                entries.append({"type": "file", "path": path, "size": size, "oid": oid,
-                                "lfs": {"oid": oid, "size": size, "pointerSize": 130}})
+                data = self.state.blobs[oid]
+                if oid in self.state.regular:  # as the Hub lists a file kept in git: its git blob id
+                    git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                    entries.append({"type": "file", "path": path, "size": len(data), "oid": git})
+                else:
+                    entries.append({"type": "file", "path": path, "size": len(data), "oid": oid,
+                                    "lfs": {"oid": oid, "size": len(data), "pointerSize": 130}})
         self.reply(200, entries)
 
     def repo_info(self, repo_id, repo, rev):
@@ -364,9 +370,9 @@ class HubServer:
         with self.state.lock:
             self.state.add_repo(repo_id)
 
-    def plant(self, repo_id, branch, title, files):
+    def plant(self, repo_id, branch, title, files, message=""):
         """Commit files ({repo path: bytes}) to a branch directly, as the owner of a hostile or
-        damaged repository could."""
+        damaged repository could (as LFS files)."""
         with self.state.lock:
             repo = self.state.repos[repo_id]
             parent = repo["branches"][branch]
@@ -375,7 +381,7 @@ class HubServer:
                 oid = hashlib.sha256(data).hexdigest()
                 self.state.blobs[oid] = data
                 tree[path] = oid
-            repo["branches"][branch] = self.state.new_commit(repo, parent, title, tree)
+            repo["branches"][branch] = self.state.new_commit(repo, parent, title, tree, message)
 
     def titles(self, repo_id, branch):
         repo, out = self.state.repos[repo_id], []

@@ -172,7 +172,9 @@ def test_restore_refuses_damaged_hostile_and_pickled_steps(tmp_path, hub):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert not os.path.exists(elsewhere / "checkpoints" / "step_2")  # nothing sealed, nothing left half-done
         assert not [n for n in os.listdir(elsewhere / "checkpoints") if n.endswith(".tmp")]
-        return proc.stderr.strip().splitlines()[-1]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert ".tmp" not in line, line  # named as the user knows it, not by the folder deleted meanwhile
+        return line
 
     # 1. flipped bytes (same size) in the model on the Hub: the uploaded manifest catches them
     raw = bytearray((local / "model.safetensors").read_bytes())
@@ -256,3 +258,66 @@ def test_a_changed_model_goes_up_with_the_model_py_that_reads_it(tmp_path):
     assert set(model_commit["files"]) == {"config.json", "generation_config.json", "model.safetensors", "model.py"}
     assert set(state_commit["files"]) == {"training_state/training_state.pt"}
     assert model_commit["delete"] == ["model.py"]  # replaced when there, removed when a step has none
+
+
+def test_the_hub_holds_the_local_bytes_and_restore_never_replaces_local_work(tmp_path, hub):
+    run = tmp_path / "again"
+    run_train(tmp_path, *hub_args("again"), "--max_steps=2", env=hub.env)
+    first = len(hub.titles(REPO, "again"))
+    # the run started over (auto_resume=False keeps the old one aside) with another lr: what differs goes up again
+    proc = run_train(tmp_path, *hub_args("again"), "--max_steps=2", "--auto_resume=False", "--lr=1e-3", env=hub.env)
+    assert "hub: Saving HF Model -- Step 2: uploaded again (the branch held other bytes" in proc.stdout
+    assert "hub: everything is on" in proc.stdout
+    new = [t for t, _ in hub.titles(REPO, "again")][first:]
+    assert "Saving Fabric Checkpoint -- Step 0" in new and "Saving Training Config -- Step 0" in new  # another lr
+    assert "Saving HF Model -- Step 0" not in new  # the same weights at step 0 (the same seed): not again
+    assert "Saving HF Model -- Step 2" in new and "Saving Learning Dynamics Data (val) -- Step 2" in new
+    for step in (0, 2):  # what a download of each step gets is what is on disk now
+        proc = run_hub_cli(hub, "download", REPO, "--branch", "again", "--step", str(step), "--what", "state",
+                           "--out", str(tmp_path / f"dl{step}"))
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / f"dl{step}" / "training_state" / "training_state.pt").read_bytes() == \
+            (run / "checkpoints" / f"step_{step}" / "training_state.pt").read_bytes()
+
+    # commits that do not state their content (pico-train's own) are compared file by file: git ids, LFS sha256
+    for commit in hub.state.repos[REPO]["commits"].values():
+        commit["message"] = ""
+    count = len(hub.titles(REPO, "again"))
+    push = run_hub_cli(hub, "push", str(run))
+    assert push.returncode == 0 and "everything is on" in push.stdout and len(hub.titles(REPO, "again")) == count
+    (run / "eval_results" / "step_2.json").write_text('{"loss": 1.5}')  # edited here: not what the Hub holds
+    push = run_hub_cli(hub, "push", str(run))
+    assert push.returncode == 0 and "step(s) 2 here differ" in push.stdout, push.stdout + push.stderr
+    assert [t for t, _ in hub.titles(REPO, "again")][count:] == ["Saving Evaluation Results -- Step 2"]
+
+    # restore onto a run holding that step or a later one: refused, and nothing of the run changes
+    def snapshot():
+        return {str(p): p.read_bytes() for p in run.rglob("*") if p.is_file()}, os.readlink(run / "checkpoints" /
+                                                                                           "latest")
+    before = snapshot()
+    for step in ("0", "2"):
+        proc = run_hub_cli(hub, "restore", REPO, "--branch", "again", "--step", step, "--run-dir", str(run))
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"already holds step(s) {'0, 2' if step == '0' else '2'}" in line and "--run-dir" in line, line
+    assert snapshot() == before
+    # ... onto a run in use: its lock is held
+    fresh = tmp_path / "fresh"
+    holder = subprocess.Popen([sys.executable, "-c", "import checkpoint, sys, time; checkpoint.lock_run(sys.argv[1]);"
+                               " print('held', flush=True); time.sleep(120)", str(fresh)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_hub_cli(hub, "restore", REPO, "--branch", "again", "--step", "2", "--run-dir", str(fresh))
+        assert proc.returncode != 0 and "is in use by process" in proc.stderr and not fresh.exists(), proc.stderr
+    finally:
+        holder.kill()
+    # ... and never through a link: a dangling training_config.yaml, a linked step for push
+    fresh.mkdir()
+    os.symlink(tmp_path / "planted.yaml", fresh / "training_config.yaml")
+    proc = run_hub_cli(hub, "restore", REPO, "--branch", "again", "--step", "2", "--run-dir", str(fresh))
+    assert proc.returncode != 0 and "training_config.yaml is a symbolic link" in proc.stderr, proc.stderr
+    assert not (tmp_path / "planted.yaml").exists() and not (fresh / "checkpoints").exists()
+    os.symlink(tmp_path / "dl2", run / "checkpoints" / "step_9")
+    push = run_hub_cli(hub, "push", str(run))
+    assert push.returncode != 0 and "step_9 is a symbolic link" in push.stderr, push.stderr

@@ -225,7 +225,7 @@ def test_bombs_in_loaded_files_are_refused_before_they_go_off(base_run, tmp_path
 @pytest.mark.parametrize("text,message", [
     ('x: &a ["a","a","a","a","a","a","a","a","a"]\ny: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
      'checkpointing:\n  hf_collection_slug: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n', "uses YAML aliases"),
-    ("checkpointing:\n  stop_at_step: [[1, [2]]]\n", "stop_at_step must be NoneType (like its default None)"),
+    ("checkpointing:\n  stop_at_step: [[1, [2]]]\n", "stop_at_step must be a whole number or None"),
 ])
 def test_yaml_bombs_and_nested_values_are_refused(tmp_path, text, message):
     planted = tmp_path / "bomb.yaml"
@@ -327,3 +327,205 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, args, message):
     proc = run_train(tmp_path, *args, check=False)
     assert proc.returncode != 0 and last_line(proc).startswith(message), proc.stderr[-2000:]
     assert not os.listdir(tmp_path)  # no run folder, no lock
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run folder may hold, settings that cannot work, files that would hang or flood (issue 28)
+
+def train_settings():
+    """train.py's settings block, run on its own: the names and defaults configurator.configure() checks."""
+    import configurator
+    namespace = {"__file__": os.path.join(ROOT, "train.py")}
+    with open(namespace["__file__"]) as f:
+        exec(f.read().split(configurator.RULE)[1], namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr=1e999"], "lr must be a finite number (its default is 0.0003), got inf"),
+    (["--adam_eps=1e999"], "adam_eps must be a finite number"),
+    (["--grad_clip=nan"], "grad_clip must be a finite number"),
+    (["--eval_every_n_steps=2.5"], "eval_every_n_steps must be a whole number or None"),
+    (["--dist_timeout_min=10000000000000"], "dist_timeout_min must be at most 10080 (a week)"),
+])
+def test_settings_that_could_only_fail_later_are_refused_at_once(args, message):
+    import configurator
+    settings = train_settings()
+    with pytest.raises(SystemExit) as e:
+        configurator.configure(args, settings)
+        configurator.refuse_unworkable(settings)
+    assert str(e.value).startswith("config error: ") and message in str(e.value), e.value
+
+
+def test_names_stay_names_whatever_they_look_like(tmp_path):
+    import configurator
+    settings = train_settings()
+    configurator.configure(["--run_name=2024", "--hf_collection_slug=True", "--data_cache_dir=[1,2]",
+                            "--eval_max_rows=5"], settings)
+    assert (settings["run_name"], settings["hf_collection_slug"], settings["data_cache_dir"]) == ("2024", "True",
+                                                                                                 "[1,2]")
+    assert settings["eval_max_rows"] == 5
+    (tmp_path / "c.yaml").write_text("checkpointing:\n  stop_at_step: 2.5\n")
+    with pytest.raises(SystemExit, match="stop_at_step must be a whole number or None"):
+        configurator.configure([str(tmp_path / "c.yaml")], train_settings())
+
+
+@pytest.mark.parametrize("text", ["training: " + "[" * 1000 + "]" * 1000 + "\n",  # was a RecursionError
+                                  "training: " + "[" * 999_000 + "\n",  # at the size limit: was hours
+                                  "training: {lr: " + "{a: " * 200 + "1" + "}" * 201 + "\n"])
+def test_deep_yaml_is_refused_at_once(tmp_path, text):
+    import configurator
+    (tmp_path / "deep.yaml").write_text(text)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="is not plain YAML .it nests values more than 8 deep"):
+        configurator.read_yaml(str(tmp_path / "deep.yaml"))
+    assert time.time() - t0 < 5
+
+
+def test_one_rule_for_what_a_run_folder_holds(tmp_path):
+    """FIFOs, sockets and links where a run reads or writes are refused by the one rule that train.py
+    (checkpoint.open_run), hub.py and dynamics.py apply, without ever opening them."""
+    run = tmp_path / "r"
+    (run / "logs").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    os.mkfifo(run / "logs" / "train.log")
+    t0 = time.time()
+    with pytest.raises(checkpoint.CheckpointError, match="logs/train.log is a FIFO, not a plain file"):
+        checkpoint.open_run(str(run), auto_resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="is not a plain file"):
+        checkpoint.read_plain(str(run / "logs" / "train.log"), 1000)
+    for cmd in (["dynamics.py", "plot", str(run)], ["hub.py", "push", str(run)]):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and "train.log is a FIFO, not a plain file" in last_line(proc), proc.stderr
+    assert time.time() - t0 < 30  # nothing waited on the FIFO
+    os.remove(run / "logs" / "train.log")
+    os.symlink(tmp_path / "elsewhere", run / "checkpoints" / "step_9")
+    assert "step_9 is a symbolic link" in checkpoint.run_folder_problem(str(run))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file, not a run folder"):
+        checkpoint.open_run(str(tmp_path / "file"), auto_resume=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot make the (run folder|lock file) .* \(File name too "
+                                                         r"long\)"):
+        checkpoint.open_run(str(tmp_path / ("x" * 300)), auto_resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read .* never through a symbolic link"):
+        os.symlink(tmp_path / "file", run / "training_config.yaml")
+        checkpoint.read_plain(str(run / "training_config.yaml"), 1000)
+
+
+def test_a_filesystem_without_locks_is_named_and_a_full_disk_still_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    real_flock = fcntl.flock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(checkpoint.CheckpointError, match="does not lock files .flock: No locks available.*put "
+                                                         "runs_dir on one that does"):
+        checkpoint.lock_run(str(tmp_path / "r"))
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "pwrite", full)
+    fd = checkpoint.lock_run(str(tmp_path / "r"))  # held, without the note of who holds it
+    with pytest.raises(checkpoint.CheckpointError, match="is in use by another process"):
+        checkpoint.lock_run(str(tmp_path / "r"))  # (a second open file description: flock refuses it)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("what", ["log", "metrics", "evaluation"])
+def test_a_full_disk_while_reporting_stops_with_one_line(tmp_path, monkeypatch, what):
+    import errno
+
+    import monitor
+    report = monitor.Monitor(master=True)
+    report.open(str(tmp_path))
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        flush = close = lambda self: None
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *a: None  # noqa: E731
+    if what == "log":
+        report.file = Full()
+    else:
+        monkeypatch.setattr(monitor, "open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(SystemExit, match=r"cannot write .* \(No space left on device; [\d.]+ GiB free there\): "
+                                         r"stopping.* resumes from its last checkpoint"):
+        if what == "evaluation":
+            report.evaluation(4, {"loss": 1.0, "rows": 1}, "somewhere")
+        else:
+            report.log("a line") if what == "log" else report.metrics({"step": 1, "loss": 1.0})
+    assert not os.path.exists(tmp_path / "eval_results" / "step_4.json")
+
+
+def test_a_row_too_long_is_refused_from_the_metadata_unread(tmp_path):
+    """A few KB of parquet can say a row holds 2 x 10^8 tokens; the stream refuses it from the file's
+    metadata before reading it (pyarrow's allocations stay small)."""
+    (tmp_path / "huge").mkdir()
+    ids = pa.array([np.zeros(3 * 2**20, np.int32)], type=pa.list_(pa.int32()))  # 3M tokens in 1 row
+    pq.write_table(pa.table({"input_ids": ids}), tmp_path / "huge" / "train.parquet", compression="zstd")
+    assert os.path.getsize(tmp_path / "huge" / "train.parquet") < 100_000
+    before = pa.total_allocated_bytes()
+    with pytest.raises(data.DataError, match=r"row group 0 \(rows 0-0\) holds 3,145,728 token ids in 1 rows, so a "
+                                             r"row has more than 1,048,576 tokens; it is not read"):
+        data.TrainStream(str(tmp_path / "huge"), 64, 50304, 8, 8).next_batch()
+    assert pa.total_allocated_bytes() - before < 2**20
+    # a later row group with one row longer than the others': refused from its token count too
+    rows = [np.arange(65) for _ in range(16)] + [np.arange(65)] * 15 + [np.arange(100_000) % 50000]
+    (tmp_path / "long").mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32()))}),
+                   tmp_path / "long" / "train.parquet", row_group_size=16)
+    stream = data.TrainStream(str(tmp_path / "long"), 64, 50304, 8, 8)
+    with pytest.raises(data.DataError, match="row group 1 .rows 16-31. holds 100,975 token ids in 16 rows, so a row "
+                                             "has more than the 65 tokens the others have"):
+        for _ in range(4):
+            stream.next_batch()
+
+
+def test_a_saved_data_position_that_the_data_does_not_have_is_one_line(tmp_path):
+    rows = np.arange(32 * 65).reshape(32, 65) % 50000
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array(list(rows), type=pa.list_(pa.int32()))}),
+                   tmp_path / "d" / "train.parquet")
+    stream = data.TrainStream(str(tmp_path / "d"), 64, 50304, 8, 8)
+    stream.next_batch()
+    saved = stream.state_dict()
+    for change, message in (({"seq": 10**15}, "sequence 1,000,000,000,000,000 of .* is past its end .32 sequences."),
+                            ({"row_len": 129}, "counts rows of 129 tokens, but .* has rows of 65; the data changed "
+                                               "since that checkpoint, or the checkpoint is damaged"),
+                            ({"row_len": 100}, "counts rows of 100 tokens, which no max_seq_len=64 dataset has")):
+        again = data.TrainStream(str(tmp_path / "d"), 64, 50304, 8, 8)
+        with pytest.raises(data.DataError, match="cannot resume .* from the checkpoint: .*" + message):
+            again.load_state_dict({**saved, **change})
+            again.next_batch()
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array([], type=pa.list_(pa.int32()))}),
+                   tmp_path / "empty" / "validation.parquet")
+    with pytest.raises(data.DataError, match="its validation split has no rows to evaluate on"):
+        data.load_eval_sequences(str(tmp_path / "empty"), 64, 50304, "validation")
+
+
+def test_hub_commands_say_plainly_what_is_wrong_and_fast(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+
+    def hub_cli(*args):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "hub.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0 and time.time() - t0 < 15, (args, proc.stderr[-2000:])  # not the client's retries
+        return last_line(proc)
+    for args in (["list", "a/b", "--branch", "x"], ["download", "a/b", "--branch", "x", "--step", "0", "--out",
+                                                    str(tmp_path / "dl")]):
+        assert hub_cli(*args) == "hub.py: cannot reach the Hub at http://127.0.0.1:9 (Connection refused); check " \
+                                 "the network (or HF_ENDPOINT)"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "training_config.yaml").write_text("checkpointing:\n  run_name: run\n")
+    assert "names no hf_repo_id (the run was not set up to go to the Hub); name the repository: python hub.py " \
+           "push" in hub_cli("push", str(run))
+    (run / "training_config.yaml").write_text("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a]\n"
+                                              "checkpointing:\n  hf_repo_id: [*b, *b, *b, *b, *b, *b, *b]\n")
+    assert "uses YAML aliases" in hub_cli("push", str(run))

@@ -190,9 +190,9 @@ def test_the_learning_rate_schedules_hit_their_defining_points(tmp_path, referen
 @pytest.mark.parametrize("args,message", [
     (["--lerning_rate=1"], "unknown setting 'lerning_rate'"),
     (["--lr_warmup=5"], "did you mean lr_warmup_steps"),
-    (["--max_steps=2.5"], "max_steps must be int"),
-    (["--auto_resume=yes"], "auto_resume must be bool"),
-    (["--layer_suffixes=3"], "layer_suffixes must be list"),
+    (["--max_steps=2.5"], "max_steps must be a whole number"),
+    (["--auto_resume=yes"], "auto_resume must be True or False"),
+    (["--layer_suffixes=3"], "layer_suffixes must be a list of names"),
     (["--batch_size=9"], "batch_size 9 is not divisible by gradient_accumulation_steps 2 x world_size 1 = 2; with 1 "
                          "rank(s), gradient_accumulation_steps can be 1 (sub-batch 9), 3 (sub-batch 3), "
                          "9 (sub-batch 1)"),

@@ -4,6 +4,7 @@ old run, and bad settings, checkpoints and data files get one clear line before 
 
 import json
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,3 +199,89 @@ def test_a_bad_row_mid_run_names_the_step(tmp_path):
     checkpoint.verify(str(run / "step_4"))
     assert not (run / "step_4" / "learning_dynamics" / "train_activations.pt").exists()
     assert (run / "step_4" / "learning_dynamics" / "val_activations.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a training state checked field by field before torch or numpy touch it (issue 28)
+
+def groups_of(config):
+    """The param groups train.py makes (2-D weights decayed, the rest not) for a run's settings."""
+    import dataclasses
+
+    from model import ModelConfig, PicoDecoder
+    model = PicoDecoder(ModelConfig(**{f.name: config[f.name] for f in dataclasses.fields(ModelConfig)}))
+    return [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+
+
+def nested_lists(depth):
+    shared = []
+    for _ in range(depth):
+        shared = [shared, shared]  # a few bytes pickled; each level doubles a walk over it
+    return shared
+
+
+DAMAGE = {  # what an attacker who re-signs the manifest writes into training_state.pt -> the refusal
+    "empty optimizer state": (lambda s: s["optimizer"].update(state={}), "is empty at step 2"),
+    "betas of 5.0": (lambda s: s["optimizer"]["param_groups"][0].update(betas=(5.0, 0.999)), "not plain numbers"),
+    "a NaN moment": (lambda s: s["optimizer"]["state"][3]["exp_avg"].view(-1)[0].fill_(float("nan")),
+                     "of parameter 3 holds exp_avg values that are NaN"),
+    "nested shared lists": (lambda s: s["optimizer"]["state"][0].update(exp_avg=nested_lists(40)),
+                            "of parameter 0 holds something other than float32 tensors"),
+    "lists in a param group": (lambda s: s["optimizer"]["param_groups"][1].update(eps=nested_lists(40)),
+                               "not plain numbers"),
+    "a wrong shape": (lambda s: s["optimizer"]["state"].update({1: {**s["optimizer"]["state"][1],
+                                                                    "exp_avg": torch.zeros(3)}}),
+                      "of parameter 1 has exp_avg of shape \\(3,\\)"),
+    "a 625-word numpy key": (lambda s: s["rng"][0]["numpy"].__setitem__(1, torch.zeros(625, dtype=torch.int64)),
+                             "numpy's is not MT19937's 624 words"),
+    "a short torch state": (lambda s: s["rng"][0].update(torch=torch.zeros(8, dtype=torch.uint8)),
+                            "torch's is not 5056 bytes"),
+    "a python state of strings": (lambda s: s["rng"][0].update(python=(3, ("x",) * 625, None)),
+                                  "python's is not Mersenne Twister's 625 words"),
+    "a shard name that is a number": (lambda s: s["data"].update(shard_name=7), "data position is not whole numbers"),
+    "a row length of text": (lambda s: s["data"].update(row_len="65"), "data position is not whole numbers"),
+    "a data position field too many": (lambda s: s["data"].update(extra=1), "is not the data stream's"),
+}
+
+
+def test_the_training_state_is_checked_field_by_field_before_use(base_run, tmp_path):
+    ckpt = copy_run(base_run, tmp_path)
+    folder = str(ckpt / "step_2")
+    state_file = ckpt / "step_2" / "training_state.pt"
+    good = torch.load(state_file, weights_only=True)
+    groups = groups_of(good["config"])
+    assert checkpoint.read(folder, groups, good["config"], ())[0]["step"] == 2  # as saved: it loads
+    torch.save(good, tmp_path / "good.pt")
+    for name, (damage, message) in DAMAGE.items():
+        state = torch.load(tmp_path / "good.pt", weights_only=True)
+        damage(state)
+        torch.save(state, tmp_path / "damaged.pt")
+        os.replace(tmp_path / "damaged.pt", state_file)
+        t0 = time.time()
+        with pytest.raises(checkpoint.CheckpointError, match=message) as e:
+            checkpoint.read(folder, groups, good["config"], ())
+        assert time.time() - t0 < 10 and "training_state.pt is damaged" in str(e.value), (name, str(e.value))
+    torch.save(good, state_file)
+    # a manifest that leaves out a file a resume reads lets nothing through unchecked
+    manifest = json.loads((ckpt / "step_2" / "manifest.json").read_text())
+    for dropped in ({}, {k: v for k, v in manifest["files"].items() if k != "model.safetensors"}):
+        (ckpt / "step_2" / "manifest.json").write_text(json.dumps({**manifest, "files": dropped}))
+        with pytest.raises(checkpoint.CheckpointError, match="its manifest does not list .*model.safetensors"):
+            checkpoint.verify(folder)
+
+
+def test_a_resume_trains_with_the_settings_given_now_on_every_backend():
+    """torch's load_state_dict puts the saved param groups back; the run's own settings must win (ZeRO-2
+    keeps its own groups, so there they always did)."""
+    weights = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    before = torch.optim.AdamW([{"params": weights[:1], "weight_decay": 0.01}, {"params": weights[1:],
+                               "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    sum(w.square().sum() for w in weights).backward()
+    before.step()
+    saved = checkpoint.optimizer_state(before, [weights[:1], weights[1:]])
+    now = torch.optim.AdamW([{"params": weights[:1], "weight_decay": 0.5}, {"params": weights[1:],
+                            "weight_decay": 0.0}], lr=1e-3, betas=(0.8, 0.95), eps=1e-6)
+    checkpoint.load_optimizer_state(now, saved, [weights[:1], weights[1:]])
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in now.param_groups] == [(0.5, (0.8, 0.95), 1e-6),
+                                                                                     (0.0, (0.8, 0.95), 1e-6)]
+    assert torch.equal(now.state[weights[0]]["exp_avg"], before.state[weights[0]]["exp_avg"])  # the moments: saved
