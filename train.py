@@ -107,6 +107,9 @@ configurator.refuse_unworkable(globals())  # settings that cannot work: one line
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"config error: device {device!r}, but torch sees no CUDA GPU here (use device='cpu' or 'auto')")
 configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+# until the loop's on_signal takes over, a signal stops at once (a script's background job would ignore SIGINT)
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda n, _: sys.exit(f"{signal.Signals(n).name}: stopped while starting, before any step"))
 
 # -----------------------------------------------------------------------------
 # set-up: processes, device, precision
@@ -534,8 +537,8 @@ def on_signal(signum, frame):
             latest) else "no checkpoint was saved yet, so running again starts the run over"))
 
 
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, on_signal)
 
 step = start_step
 report.start_clock(step, max_steps, tokens_per_step, calendar.pauses_from,

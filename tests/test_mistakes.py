@@ -5,6 +5,7 @@ lose no work and reach nothing outside the run; bad input is one line before any
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -75,6 +76,14 @@ def test_a_refused_resume_leaves_the_runs_yaml_as_it_was(base_run, tmp_path):
     line = fails(tmp_path, "--max_steps=4", "--d_model=64")
     assert "d_model (saved 32, now 64)" in line
     assert yaml_file.read_bytes() == before  # today: rewritten with d_model 64, another model
+    assert (tmp_path / "r" / "logs" / "train.log").read_text().rstrip().endswith(line)  # the log says why, too
+    # dynamics.py plot on a disk that takes no more: one line
+    def full():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (99, 99))
+    proc = subprocess.run([sys.executable, "dynamics.py", "plot", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, preexec_fn=full)
+    assert proc.returncode != 0 and re.fullmatch(r"cannot plot .*/r: File too large writing .* GiB free there\)",
+                                                 last_line(proc)), proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -137,6 +137,20 @@ def test_stopped_by_stop_at_step_then_by_sigterm_resumes_bit_identically(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_signal_while_starting_stops_at_once_even_in_a_background_job(tmp_path):
+    # a script's background job (`python train.py ... &`) starts with SIGINT ignored
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", "--run_name=early"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert "process(es)" in proc.stdout.readline()  # the first line: set-up has begun; the data is read next
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "SIGINT: stopped while starting, before any step"
+    assert "step 1/" not in out
+
+
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tmp_path):
     # steps of about 2 s (and a checkpoint of about 3 s) on 2 cores, so the second signal comes mid-way
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--runs_dir={tmp_path}", "--run_name=twice",
