@@ -403,7 +403,8 @@ def test_one_rule_for_what_a_run_folder_holds(tmp_path):
         checkpoint.open_run(str(run), auto_resume=True)
     with pytest.raises(checkpoint.CheckpointError, match="is not a plain file"):
         checkpoint.read_plain(str(run / "logs" / "train.log"), 1000)
-    for cmd in (["dynamics.py", "plot", str(run)], ["hub.py", "push", str(run)]):
+    for cmd in (["dynamics.py", "plot", str(run)], ["hub.py", "push", str(run)],
+                ["hub.py", "download", "a/b", "--branch", "x", "--step", "0", "--out", str(run)]):
         proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and "train.log is a FIFO, not a plain file" in last_line(proc), proc.stderr
     assert time.time() - t0 < 30  # nothing waited on the FIFO
