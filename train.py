@@ -22,6 +22,7 @@ import checkpoint
 import configurator
 import data
 import dynamics
+import hub
 import monitor
 import schedules
 from model import ModelConfig, PicoDecoder, gpu_peak_flops, save_pretrained, why_not_llama
@@ -145,6 +146,8 @@ use_deepspeed = backend == "deepspeed"
 if use_deepspeed and compile:
     raise SystemExit("config error: compile=True works with backend 'ddp' (or one process), not with 'deepspeed'")
 timeout = timedelta(minutes=dist_timeout_min)  # NCCL's own default, 10 minutes, is shorter than a first download
+# every process group waits that long: DeepSpeed makes its own (data parallel, ...) with torch's default timeout
+dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
 if use_deepspeed:
     # ZeRO stage 2 shards the optimizer state and the gradients across ranks while every rank keeps
     # the full weights. Stage 3 (sharded weights) is not supported: learning dynamics need every
@@ -259,11 +262,8 @@ if ignored_from_yaml:
 if set_aside:
     log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
-
-uploader = None  # rank 0's background Hub uploader; the other ranks never wait on the Hub
-if save_to_hf and master:
-    import hub
-    uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log_fn=log)
+# rank 0's background Hub uploader; the other ranks never wait on the Hub
+uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log) if save_to_hf and master else None
 if save_to_wandb:
     report.start_wandb(wandb_project, wandb_entity, run_name, config)
 
@@ -332,6 +332,9 @@ if use_deepspeed:
         "steps_per_print": 2**31 - 1,
     }
     model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    groups = dist.distributed_c10d._world.pg_map  # the world's and DeepSpeed's own (data parallel, ...)
+    log(f"{len(groups)} process groups, each waiting at most " + ", ".join(sorted({str(g._get_backend(
+        torch.device(device_type)).options._timeout) for g in groups})) + " at a collective")
     if resume_from:  # the full AdamW state, shared out into this rank's ZeRO-2 shards
         checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay), zero=True)
 elif is_dist:
