@@ -456,9 +456,10 @@ def read_manifest(path):
     return files
 
 
-def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=()):
+def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=(), only=None):
     """Check every file of a checkpoint folder against its manifest (size, then sha256).
-    skip: relative path prefixes that may be absent (restore leaves out learning_dynamics/)."""
+    skip: relative path prefixes that may be absent (restore leaves out learning_dynamics/);
+    only: check these files alone (the manifest must still list what a resume reads)."""
     try:
         files = read_manifest(path)
     except CheckpointError as e:
@@ -467,6 +468,8 @@ def verify(path, fix="point checkpoints/latest at an earlier step_<N>", skip=())
         raise CheckpointError(f"checkpoint {path}: its manifest does not list {', '.join(unlisted)}, which a resume "
                               f"reads, so it cannot be checked; {fix}")
     for name, entry in sorted(files.items()):
+        if only is not None and name not in only:
+            continue
         full = os.path.join(path, name)
         parts = name.split("/")
         if name.startswith("/") or "" in parts or ".." in parts or any(

@@ -24,9 +24,11 @@ The file reads from the training loop outwards: the training stream (TrainStream
 evaluation rows, then rows -> checked token arrays, then the shards they come from (local parquet,
 the Hub cache, save_to_disk tables), then the corpus tools.
 
-Run as a script it builds the embedded demo corpus or tokenizes your own text:
+Run as a script it builds the embedded demo corpus, tokenizes your own text, or says what a step
+of a run trained on:
     python data.py build-demo            # rebuild data/demo/*.parquet from data/demo/kjv.txt.xz
     python data.py tokenize a.txt b.txt --out data/mine   # one document per file
+    python data.py batch runs/demo --step 40 --out step40/   # the global batch of step 40 -> 41
 """
 
 import argparse
@@ -154,6 +156,26 @@ class TrainStream:
             self.seq, n = self.seq + take, n - take
         return np.concatenate(out) if len(out) > 1 else out[0]
 
+    def skip(self, n):
+        """Move the position n sequences on, as reading them would, without reading a row: each
+        shard's length is its metadata (and the row length, known after one row)."""
+        total = None
+        while n > 0:
+            shard = self.shards[self.shard]
+            left = shard.num_rows * self._seqs_per_row(shard) - self.seq
+            if n <= left:
+                self.seq += n
+                return
+            n -= left
+            self.shard, self.seq = self.shard + 1, 0
+            if self.shard == len(self.shards):  # a whole epoch at a time from here
+                self.shard, self.epoch = 0, self.epoch + 1
+                if total is None:
+                    total = sum(s.num_rows for s in self.shards) * self._windows
+                    if total == 0:
+                        raise DataError(f"{self.name}: the dataset has no rows")
+                self.epoch, n = self.epoch + n // total, n % total
+
     def peek_global_batch(self):
         """The whole next global batch (batch_size, T + 1), without moving the position."""
         state = self.state_dict()
@@ -200,6 +222,43 @@ class TrainStream:
     def _not_resumable(self, what):
         return DataError(f"cannot resume {self.name} from the checkpoint: {what}; the data changed since that "
                          f"checkpoint, or the checkpoint is damaged")
+
+
+def global_batch(run_dir, step):
+    """The exact global batch, (batch_size, max_seq_len + 1) token ids in rank order, that a run's
+    optimizer step from `step` to step + 1 trains on, from its settings and data alone, reading no
+    row before it: the data position saved in its nearest checkpoint at or before `step` (the start
+    if none), moved on by whole batches of that checkpoint's batch_size. Returns (rows, settings)."""
+    import checkpoint
+    import configurator
+    yaml_path = os.path.join(run_dir, "training_config.yaml")
+    if not os.path.lexists(yaml_path):
+        raise DataError(f"{run_dir} has no training_config.yaml: not a run folder (or not one of this pico-train)")
+    settings = configurator.read_yaml(yaml_path)
+    missing = [k for k in ("dataset_name", "dataset_split", "max_seq_len", "vocab_size", "batch_size", "max_steps")
+               if k not in settings]
+    if missing:
+        raise DataError(f"{yaml_path} lacks the settings {', '.join(missing)}, so its batches cannot be worked out")
+    if not 0 <= step < settings["max_steps"]:
+        raise DataError(f"step {step} is not one that {run_dir} trains: its optimizer steps start at steps 0 to "
+                        f"{settings['max_steps'] - 1} (max_steps {settings['max_steps']})")
+    start, position, batch_size = 0, None, settings["batch_size"]
+    if earlier := [s for s in checkpoint.saved_steps(run_dir) if s <= step]:
+        start, folder = earlier[-1], checkpoint.step_dir(run_dir, earlier[-1])
+        try:
+            checkpoint.verify(folder, only=("training_state.pt",))
+            checkpoint.scan(folder)
+            state = checkpoint.load_state(os.path.join(folder, "training_state.pt"), mmap=True)
+            checkpoint.check_training_state(state, os.path.join(folder, "training_state.pt"), start)
+        except checkpoint.CheckpointError as e:
+            raise DataError(f"the data position of step {start} cannot be read: {e}") from None
+        position, batch_size = state["data"], state["config"].get("batch_size", batch_size)
+    stream = TrainStream(settings["dataset_name"], settings["max_seq_len"], settings["vocab_size"], batch_size,
+                         batch_size, split=settings["dataset_split"], cache_dir=settings.get("data_cache_dir"))
+    if position:
+        stream.load_state_dict(position)
+    stream.skip((step - start) * batch_size)
+    return stream.peek_global_batch(), settings
 
 
 def load_eval_sequences(name, seq_len, vocab_size, split=None, max_rows=None, cache_dir=None):
@@ -742,8 +801,22 @@ if __name__ == "__main__":
     t.add_argument("--out", required=True)
     t.add_argument("--row-len", type=int, default=ROW_LEN)
     t.add_argument("--val-every", type=int, default=0, help="hold out every n-th document")
+    b = sub.add_parser("batch", help="write the global batch a run's step N -> N + 1 trains on, as a checkpoint's "
+                                      "learning_dynamics/train_data")
+    b.add_argument("run_dir")
+    b.add_argument("--step", type=int, required=True)
+    b.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.cmd == "build-demo":
+    if args.cmd == "batch":
+        import dynamics
+        try:
+            rows, used = global_batch(args.run_dir, args.step)
+            dynamics.save_rows(rows, args.out, load_tokenizer(used.get("tokenizer_path") or TOKENIZER_PATH))
+        except DataError as e:
+            raise SystemExit(f"data error: {e}") from None
+        print(f"step {args.step} -> {args.step + 1} of {args.run_dir} trains on {len(rows)} sequences of "
+              f"{rows.shape[1]} tokens from {used['dataset_name']} ({used['dataset_split']}) -> {args.out}")
+    elif args.cmd == "build-demo":
         print(json.dumps(build_demo_corpus(args.out)))
         for split in ("train", "validation"):
             path = os.path.join(args.out, f"{split}.parquet")

@@ -30,6 +30,16 @@ def run_train(runs_dir, *args, nproc=1, check=True, env=None, timeout=300, cwd=R
     return proc
 
 
+def train_py_settings(*config_files):
+    """train.py's settings after config files, read as train.py reads them (no process, no process group)."""
+    import configurator
+    with open(os.path.join(ROOT, "train.py")) as f:
+        settings = {"__file__": os.path.join(ROOT, "train.py")}
+        exec(f.read().split(configurator.RULE)[1], settings)  # the settings block: plain assignments
+    configurator.configure([os.path.join(ROOT, c) for c in config_files], settings)
+    return settings
+
+
 def weights(runs_dir, run, step):
     return load_file(os.path.join(runs_dir, run, "checkpoints", f"step_{step}", "model.safetensors"))
 

@@ -103,7 +103,7 @@ def test_one_checkpoint_resumes_on_either_backend_and_any_number_of_ranks(tmp_pa
     final = weights(plain, "ref", 6)
     proc = run_train(tmp_path, "--run_name=ds", *STRAIGHT, "--backend=deepspeed", "--dist_timeout_min=7", nproc=2)
     # every process group waits dist_timeout_min, DeepSpeed's own too (made with torch's default, 30 or 10 min)
-    assert re.search(r"\] [3-9] process groups, each waiting at most 0:07:00 at a collective\n", proc.stdout)
+    assert re.search(r"\] [2-9] process groups, each waiting at most 0:07:00 at a collective\n", proc.stdout)
     assert max_diff(final, weights(tmp_path, "ds", 6)) <= 1e-5
     step2 = tmp_path / "ds" / "checkpoints" / "step_2"
     assert not (step2 / "deepspeed").exists()

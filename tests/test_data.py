@@ -346,3 +346,59 @@ def test_the_ranks_of_a_node_download_each_file_once(tmp_path):
     assert r["bytes_sent"] / r["bytes_read"] <= 1.1, r  # the file listings and answers to HEAD requests included
     assert r["cached"] == ["train-00003.parquet"]
     assert r["cache_bytes"] < 1.1 * os.path.getsize(os.path.join(folder, "train-00003.parquet"))  # its blob alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,args", [(1, ()), (2, ("--max_steps=12", "--save_every_n_steps=5",
+                                                        "--gradient_accumulation_steps=1"))])
+def test_data_py_batch_is_what_each_checkpoint_says_its_next_step_trained_on(tmp_path, reference_run, nproc, args):
+    """`python data.py batch RUN --step N` works out the global batch of step N -> N + 1 from the run's
+    settings and data alone: the same bytes as every checkpoint's learning_dynamics/train_data (the
+    rows captured from the batch the run then trained on), on 1 process and on 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    import checkpoint
+    import dynamics
+    from helpers import ROOT
+    run = reference_run(*args, nproc=nproc) / "ref"
+    steps = [s for s in checkpoint.saved_steps(run)
+             if (run / "checkpoints" / f"step_{s}" / "learning_dynamics" / "train_data").is_dir()]
+    assert len(steps) >= 2
+    tokenizer = data.load_tokenizer()
+
+    def same(step, run_dir, out):
+        rows, _ = data.global_batch(str(run_dir), step)
+        dynamics.save_rows(rows, str(out), tokenizer)
+        saved = run / "checkpoints" / f"step_{step}" / "learning_dynamics" / "train_data"
+        assert sorted(os.listdir(out)) == sorted(os.listdir(saved))
+        return all((out / n).read_bytes() == (saved / n).read_bytes() for n in os.listdir(saved))
+    assert all(same(s, run, tmp_path / f"b{s}") for s in steps)
+    # from the first checkpoint alone, whole batches on (the others hidden): the same rows
+    shutil.copytree(run, tmp_path / "first", symlinks=True)
+    for s in steps[1:]:
+        shutil.rmtree(tmp_path / "first" / "checkpoints" / f"step_{s}")
+    assert same(steps[-1], tmp_path / "first", tmp_path / "from_first")
+    # the command, and its one line for a step the run never trains
+    proc = subprocess.run([sys.executable, "data.py", "batch", str(run), "--step", str(steps[-1]), "--out",
+                           str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "cli" / "state.json").read_bytes() == \
+        (tmp_path / f"b{steps[-1]}" / "state.json").read_bytes(), proc.stderr
+    proc = subprocess.run([sys.executable, "data.py", "batch", str(run), "--step", "99", "--out",
+                           str(tmp_path / "late")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("data error: step 99 is not one that")
+    with pytest.raises(DataError, match="has no training_config.yaml: not a run folder"):
+        data.global_batch(str(tmp_path / "nowhere"), 0)
+
+
+def test_skip_moves_the_position_as_reading_would(tmp_path):
+    write_synthetic(tmp_path, rows_per_file=(10, 7, 12), row_len=17, row_group_size=3)  # 2 sequences of 8 a row
+    for n in (0, 1, 19, 20, 57, 58, 59, 200, 1001):
+        read, skipped = TrainStream(str(tmp_path), 8, V, 1, 1), TrainStream(str(tmp_path), 8, V, 1, 1)
+        for _ in range(n):
+            read.next_batch()
+        skipped.skip(n)
+        assert skipped.state_dict() == read.state_dict(), n
+        assert torch.equal(torch.from_numpy(skipped.peek_global_batch()), torch.from_numpy(read.peek_global_batch()))

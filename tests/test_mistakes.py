@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import data
-from helpers import ROOT, TINY, copy_run, last_line, plant_pickle, refresh_manifest, run_train
+from helpers import ROOT, TINY, copy_run, last_line, plant_pickle, refresh_manifest, run_train, train_py_settings
 
 
 def fails(tmp_path, *args, **kw):
@@ -341,15 +341,6 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, args, message):
 # ---------------------------------------------------------------------------------------------
 # what a run folder may hold, settings that cannot work, files that would hang or flood (issue 28)
 
-def train_settings():
-    """train.py's settings block, run on its own: the names and defaults configurator.configure() checks."""
-    import configurator
-    namespace = {"__file__": os.path.join(ROOT, "train.py")}
-    with open(namespace["__file__"]) as f:
-        exec(f.read().split(configurator.RULE)[1], namespace)
-    return namespace
-
-
 @pytest.mark.parametrize("args,message", [
     (["--lr=1e999"], "lr must be a finite number (its default is 0.0003), got inf"),
     (["--adam_eps=1e999"], "adam_eps must be a finite number"),
@@ -359,7 +350,7 @@ def train_settings():
 ])
 def test_settings_that_could_only_fail_later_are_refused_at_once(args, message):
     import configurator
-    settings = train_settings()
+    settings = train_py_settings()
     with pytest.raises(SystemExit) as e:
         configurator.configure(args, settings)
         configurator.refuse_unworkable(settings)
@@ -368,7 +359,7 @@ def test_settings_that_could_only_fail_later_are_refused_at_once(args, message):
 
 def test_names_stay_names_whatever_they_look_like(tmp_path):
     import configurator
-    settings = train_settings()
+    settings = train_py_settings()
     configurator.configure(["--run_name=2024", "--hf_collection_slug=True", "--data_cache_dir=[1,2]",
                             "--eval_max_rows=5"], settings)
     assert (settings["run_name"], settings["hf_collection_slug"], settings["data_cache_dir"]) == ("2024", "True",
@@ -376,7 +367,7 @@ def test_names_stay_names_whatever_they_look_like(tmp_path):
     assert settings["eval_max_rows"] == 5
     (tmp_path / "c.yaml").write_text("checkpointing:\n  stop_at_step: 2.5\n")
     with pytest.raises(SystemExit, match="stop_at_step must be a whole number or None"):
-        configurator.configure([str(tmp_path / "c.yaml")], train_settings())
+        configurator.configure([str(tmp_path / "c.yaml")], train_py_settings())
 
 
 @pytest.mark.parametrize("text", ["training: " + "[" * 1000 + "]" * 1000 + "\n",  # was a RecursionError

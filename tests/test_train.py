@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
+from helpers import ROOT, TINY, max_diff, metrics, run_train, train_py_settings, weights
 
 
 def test_gradient_accumulation_is_exact(tmp_path, reference_run):
@@ -117,16 +117,6 @@ def test_two_nodes_need_one_shared_runs_dir_and_then_train_as_one_process(tmp_pa
     final = weights(tmp_path, "shared", 12)
     assert max_diff(weights(reference_run(*args, nproc=2), "ref", 12), final) == 0.0
     assert max_diff(weights(reference_run(*args), "ref", 12), final) <= 1e-5
-
-
-def train_py_settings(*config_files):
-    """train.py's settings after config files, read as train.py reads them (no process, no process group)."""
-    import configurator
-    with open(os.path.join(ROOT, "train.py")) as f:
-        settings = {"__file__": os.path.join(ROOT, "train.py")}
-        exec(f.read().split(configurator.RULE)[1], settings)  # the settings block: plain assignments
-    configurator.configure([os.path.join(ROOT, c) for c in config_files], settings)
-    return settings
 
 
 @pytest.mark.parametrize("config", sorted(os.path.basename(c) for c in glob.glob(os.path.join(ROOT, "config", "*.py"))))
