@@ -378,13 +378,14 @@ def gpu_bench(steps=10, smoke=False):
         raise SystemExit("bench.py --gpu needs a CUDA GPU (--smoke runs its code at toy size on CPU)")
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     peak = gpu_peak_flops(name)
-    print(f"device: {name}, torch {torch.__version__}, peak bf16 {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}",
-          flush=True)
+    print(f"device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, peak bf16 "
+          f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}", flush=True)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     runs = (("small", SMALL, 16), ("medium", MEDIUM, 16)) if not smoke else \
         (("smoke", dict(DEMO, max_seq_len=64, n_layers=2), 2),)
     precision = "bf16" if device == "cuda" else "fp32"
+    failed = []
     for label, cfg, micro in runs:
         for compiled in (False, True):
             try:
@@ -392,6 +393,7 @@ def gpu_bench(steps=10, smoke=False):
                                     precision=precision, compile=compiled)
             except Exception as e:  # one failing row must not cost the others (device time is scarce)
                 print(f"pico-decoder-{label:6s} compile={compiled!s:5s} FAILED: {type(e).__name__}: {e}", flush=True)
+                failed.append(f"pico-decoder-{label} compile={compiled}")
                 continue
             mfu = f"{r['flops_per_token'] * r['tok_s'] / peak:.1%}" if peak else "n/a"
             T = r["model"].config.max_seq_len
@@ -401,6 +403,8 @@ def gpu_bench(steps=10, smoke=False):
             del r
             if device == "cuda":
                 torch.cuda.empty_cache()
+    if failed:  # the rows that did run are printed above; the exit status says the table is not whole
+        raise SystemExit(f"bench.py --gpu: {len(failed)} of {2 * len(runs)} rows failed ({', '.join(failed)})")
 
 
 def demo_checkpoint_row(demo, val, suffixes, repeats=2):

@@ -28,3 +28,15 @@ def test_gpu_bench_refuses_without_a_gpu():
     proc = subprocess.run([sys.executable, "bench.py", "--gpu"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_a_failed_gpu_row_fails_the_bench(monkeypatch, capsys):
+    import bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted: out of memory")
+    monkeypatch.setattr(bench, "train_step_rate", broken)
+    with pytest.raises(SystemExit, match=r"bench.py --gpu: 2 of 2 rows failed \(pico-decoder-smoke compile=False, "
+                                         r"pico-decoder-smoke compile=True\)"):
+        bench.gpu_bench(smoke=True)
+    assert capsys.readouterr().out.count("FAILED: RuntimeError: planted: out of memory") == 2
