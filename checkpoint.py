@@ -406,6 +406,46 @@ def find(run_dir, log=print):
     return heard_from_rank0(verdict)
 
 
+def find_parent(init_from):
+    """The checkpoint a new run starts from (a fork), checked as a resume's is, by rank 0 for every
+    rank (a collective): one of our checkpoint folders (with its manifest: checked against it and
+    scanned for pickled code; weights, optimizer, step, data position and RNG are taken), or any
+    folder load_pretrained() reads (weights alone: pico-train's, a Llama one). It is only read.
+    Returns (the folder, its line of lineage: where it is, its step, the sha256 of its manifest or
+    of its weights), or raises CheckpointError on every rank."""
+    import torch.distributed as dist
+    verdict = [None, None]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            folder = os.path.abspath(init_from)
+            if not os.path.isdir(folder) or problem_in(folder, ("config.json", "model.safetensors")):
+                raise CheckpointError(f"init_from {init_from!r} is not a checkpoint folder: it takes a step_<N> folder "
+                                      f"of a run (runs/demo/checkpoints/step_32), or a folder with config.json and "
+                                      f"model.safetensors (pico-train's, a Llama one), or 'scratch'")
+            if os.path.lexists(os.path.join(folder, MANIFEST)):
+                verify(folder, fix="fork another step")
+                scan(folder)
+                step, digest = folder_step(folder), file_sha256(os.path.join(folder, MANIFEST))
+                line = f"{folder} (step {step}, manifest sha256 {digest})"
+            else:
+                digest = file_sha256(os.path.join(folder, "model.safetensors"))
+                line = f"{folder} (weights alone, model.safetensors sha256 {digest})"
+            verdict[0] = (folder, line)
+        except CheckpointError as e:
+            verdict[1] = str(e)
+    return heard_from_rank0(verdict)
+
+
+def problem_in(folder, names):
+    """The first of these files that is not a plain file in folder (missing, a link, a FIFO), or None."""
+    import stat
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.lexists(path) or not stat.S_ISREG(os.lstat(path).st_mode):
+            return path
+    return None
+
+
 def heard_from_rank0(verdict):
     """verdict = [an answer, or why not] as rank 0 made it, on every rank (a collective): the answer,
     or the same CheckpointError raised on every rank."""
@@ -417,29 +457,54 @@ def heard_from_rank0(verdict):
     return verdict[0]
 
 
-def read(folder, groups, config, must_match):
-    """A checkpoint folder's training state and weights ({name: tensor}), read without running any
-    code and checked before any of it is used. Every rank reads; the training state is memory-mapped,
-    so under ZeRO-2 each rank reads only its own shards of the optimizer state. The folder was
-    checked against its manifest and scanned for pickled code first (latest(), scan())."""
+def read(folder, groups, config, must_match, model_config=None, fix="use another run_name, or auto_resume=False "
+         "to start over"):
+    """A checkpoint folder's training state (None for a folder of weights alone: a fork's parent),
+    weights ({name: tensor}) and how its settings differ from `config` where they may
+    (compare_configs()), read without running any code and checked, field by field, before any of it
+    is used: settings in must_match that differ are refused first, and weights alone must be of a
+    model of model_config's shape. Every rank reads; the training state is memory-mapped (the
+    optimizer state's check reads it whole, 8 bytes per parameter). The folder was checked against
+    its manifest and scanned for pickled code first (latest() or find_parent(), then scan())."""
     from model import load_pretrained
-    state_file = os.path.join(folder, "training_state.pt")
-    state = load_state(state_file, mmap=True)
-    check_training_state(state, state_file, int(os.path.basename(folder)[5:]))
-    bad, harmless = compare_configs(state["config"], config, must_match)
-    if bad:
-        raise CheckpointError(f"{folder}: these settings differ from the saved run: {bad}. Use another run_name, "
-                              f"or auto_resume=False to start over in {os.path.dirname(os.path.dirname(folder))}")
-    check_optimizer_state(state["optimizer"], groups, state_file, state["step"])
+    state_file, state, harmless = os.path.join(folder, "training_state.pt"), None, ""
+    if os.path.exists(os.path.join(folder, MANIFEST)):  # ours (find_parent() takes a folder without one as weights)
+        state = load_state(state_file, mmap=True)
+        check_training_state(state, state_file, folder_step(folder))
+        bad, harmless = compare_configs(state["config"], config, must_match)
+        if bad:
+            raise CheckpointError(f"{folder}: these settings differ from the saved run: {bad}; {fix}")
+        check_optimizer_state(state["optimizer"], groups, state_file, state["step"])
     try:
-        weights = load_pretrained(folder).state_dict()
+        model = load_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - whatever safetensors or the config says of a damaged file
         raise CheckpointError(f"{folder}/model.safetensors (or config.json) cannot be read ({type(e).__name__}: "
                               f"{str(e)[:200]}); point checkpoints/latest at another step_<N>") from None
+    if state is None and model.config != model_config:
+        theirs, ours = vars(model.config), vars(model_config)
+        raise CheckpointError(f"{folder} holds a model of another shape than these settings say: " + ", ".join(
+            f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]) + "; set them as "
+            "there (--" + " --".join(f"{k}={theirs[k]!r}" for k in ours if ours[k] != theirs[k]) + ")")
+    weights = model.state_dict()
     if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
         raise CheckpointError(f"{folder}/model.safetensors holds NaN or inf weights, so it is not resumed; point "
                               f"checkpoints/latest at an earlier step_<N>")
     return state, weights, harmless
+
+
+def folder_step(folder):
+    """The step a checkpoint folder holds: its name's (step_<N>), or, where it was copied under
+    another name, its manifest's."""
+    name = os.path.basename(os.path.normpath(folder))
+    if re.fullmatch(r"step_\d+", name):
+        return int(name[5:])
+    try:
+        step = json.loads(read_plain(os.path.join(folder, MANIFEST), 2**24))["step"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/{MANIFEST} does not say which step it holds ({type(e).__name__})") from None
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"{folder}/{MANIFEST} gives the step {step!r}, not a whole number from 0 on")
+    return step
 
 
 def read_manifest(path):
@@ -723,6 +788,6 @@ def set_rng_state(state):
 def compare_configs(saved, current, must_match):
     """How two flat configs differ: (the keys in must_match that differ, saying how, or "";
     the other keys that differ, saying how, or "")."""
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "lineage")
     bad = ", ".join(f"{k} (saved {saved.get(k)!r}, now {current.get(k)!r})" for k in differ if k in must_match)
     return bad, ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ if k not in must_match)

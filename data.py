@@ -227,8 +227,8 @@ class TrainStream:
 def global_batch(run_dir, step):
     """The exact global batch, (batch_size, max_seq_len + 1) token ids in rank order, that a run's
     optimizer step from `step` to step + 1 trains on, from its settings and data alone, reading no
-    row before it: the data position saved in its nearest checkpoint at or before `step` (the start
-    if none), moved on by whole batches of that checkpoint's batch_size. Returns (rows, settings)."""
+    row before it: the data position saved in its nearest checkpoint at or before `step` (before a
+    fork's first, its parent's; the start if none), moved on by whole batches. Returns (rows, settings)."""
     import checkpoint
     import configurator
     yaml_path = os.path.join(run_dir, "training_config.yaml")
@@ -243,16 +243,27 @@ def global_batch(run_dir, step):
         raise DataError(f"step {step} is not one that {run_dir} trains: its optimizer steps start at steps 0 to "
                         f"{settings['max_steps'] - 1} (max_steps {settings['max_steps']})")
     start, position, batch_size = 0, None, settings["batch_size"]
-    if earlier := [s for s in checkpoint.saved_steps(run_dir) if s <= step]:
-        start, folder = earlier[-1], checkpoint.step_dir(run_dir, earlier[-1])
+    folders = [checkpoint.step_dir(run_dir, s) for s in checkpoint.saved_steps(run_dir) if s <= step]
+    parent = settings.get("init_from") or "scratch"  # a fork: before its own first checkpoint, its parent's position
+    if not folders and parent != "scratch" and os.path.lexists(os.path.join(parent, checkpoint.MANIFEST)):
+        folders = [parent]
+    if folders:
         try:
-            checkpoint.verify(folder, only=("training_state.pt",))
-            checkpoint.scan(folder)
-            state = checkpoint.load_state(os.path.join(folder, "training_state.pt"), mmap=True)
-            checkpoint.check_training_state(state, os.path.join(folder, "training_state.pt"), start)
+            start = checkpoint.folder_step(folders[-1])
+            checkpoint.verify(folders[-1], only=("training_state.pt",))
+            checkpoint.scan(folders[-1])
+            state = checkpoint.load_state(os.path.join(folders[-1], "training_state.pt"), mmap=True)
+            checkpoint.check_training_state(state, os.path.join(folders[-1], "training_state.pt"), start)
         except checkpoint.CheckpointError as e:
-            raise DataError(f"the data position of step {start} cannot be read: {e}") from None
-        position, batch_size = state["data"], state["config"].get("batch_size", batch_size)
+            raise DataError(f"the data position of {folders[-1]} cannot be read: {e}") from None
+        if start > step:
+            raise DataError(f"step {step} is not one that {run_dir} trains: it starts at step {start}, "
+                            f"from {parent}")
+        if [state["config"].get(k) for k in ("dataset_name", "dataset_split")] == [settings["dataset_name"],
+                                                                                   settings["dataset_split"]]:
+            position = state["data"]  # (a fork on other data started at its beginning)
+        if folders[-1] != parent:  # the run's own checkpoint: its session's batch size (a fork has its own)
+            batch_size = state["config"].get("batch_size", batch_size)
     stream = TrainStream(settings["dataset_name"], settings["max_seq_len"], settings["vocab_size"], batch_size,
                          batch_size, split=settings["dataset_split"], cache_dir=settings.get("data_cache_dir"))
     if position:

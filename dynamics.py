@@ -237,7 +237,8 @@ def layer_table(run_dir):
 
 def write_csv(path, rows):
     import csv
-    columns = ["step"] + sorted({k for r in rows for k in r} - {"step"})
+    first = [k for k in ("run", "step") if any(k in r for r in rows)]
+    columns = first + sorted({k for r in rows for k in r} - set(first))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
@@ -249,23 +250,15 @@ EVAL_AXES = {"paloma": ("paloma (mean per-sequence perplexity)", "log"),  # fall
              "top1_accuracy": ("top-1 accuracy (the next token ranked first)", "linear")}
 
 
-def plot(run_dir):
-    """PNG figures and the CSV behind each into runs/<run>/plots/, from the run folder alone."""
+def read_run(run_dir, notes):
+    """(the training rows of logs/metrics.jsonl, the evaluations {"step", name: number}), read as
+    plain files; what cannot be read is passed over with a note."""
     import json
     import re
-
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    out = os.path.join(run_dir, "plots")
-    os.makedirs(out, exist_ok=True)
-    written, notes = [], []
     train, bad = checkpoint.read_metrics(run_dir)
-    train = [r for r in train if "loss" in r]
     if bad:
-        notes.append(f"{bad} line(s) of logs/metrics.jsonl are not rows of numbers (a crash mid-write?) and were "
-                     f"passed over")
+        notes.append(f"{bad} line(s) of {run_dir}/logs/metrics.jsonl are not rows of numbers (a crash mid-write?) "
+                     f"and were passed over")
     eval_dir = os.path.join(run_dir, "eval_results")
     evals = []
     for step in sorted(int(n[5:-5]) for n in (os.listdir(eval_dir) if os.path.isdir(eval_dir) else [])
@@ -273,15 +266,35 @@ def plot(run_dir):
         try:
             results = json.loads(checkpoint.read_plain(os.path.join(eval_dir, f"step_{step}.json"), 2**20, "result"))
         except (ValueError, RecursionError):
-            results = notes.append(f"eval_results/step_{step}.json is not a JSON object of numbers: passed over")
+            results = notes.append(f"{eval_dir}/step_{step}.json is not a JSON object of numbers: passed over")
         if isinstance(results, dict):
             evals.append({"step": step, **{k: v for k, v in results.items() if isinstance(v, float)}})
-    steps = checkpoint.saved_steps(run_dir)
-    log_axis = 1 in steps and 2 in steps  # log-spaced checkpoints: early steps get room
+    return [r for r in train if "loss" in r], evals
+
+
+def x_axis(run_dirs):
+    """How a figure's step axis is scaled: symlog where a run has log-spaced checkpoints (early
+    steps get room), linear otherwise; from 0."""
+    log_axis = any(1 in (s := checkpoint.saved_steps(r)) and 2 in s for r in run_dirs)
+
     def scale(ax):
         if log_axis:
             ax.set_xscale("symlog", linthresh=1)  # linear from 0 to 1, logarithmic after
         ax.set_xlim(left=0)
+    return scale
+
+
+def plot(run_dir):
+    """PNG figures and the CSV behind each into runs/<run>/plots/, from the run folder alone."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    written, notes = [], []
+    train, evals = read_run(run_dir, notes)
+    scale = x_axis([run_dir])
 
     by_step = {}
     for r in train:
@@ -348,26 +361,91 @@ def plot(run_dir):
     return [os.path.join(out, w) for w in written], notes
 
 
+def compare(run_dirs, out):
+    """Runs side by side on one picture (a fork beside its parent): training and evaluation loss and
+    the learning rate, then for each kind of captured layer (v_proj, w_2, ...) its weight norm, its
+    change since the last checkpoint and its val gradient norm, each the mean over the layers of that
+    kind, a colour per run. Writes `out` (PNG) and the numbers beside it (the same name, .csv)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    notes, names = [], [os.path.basename(os.path.normpath(r)) for r in run_dirs]
+    runs = [read_run(r, notes) for r in run_dirs]
+    tables = [layer_table(r) for r in run_dirs]
+    kinds = list(dict.fromkeys(k.rsplit("/", 1)[0].split(".", 2)[-1] for t in tables for row in t for k in row
+                               if k != "step"))
+    metrics = [("weight_norm", "weight norm"), ("weight_rel_change", "change since the last checkpoint"),
+               ("grad_norm_val", "gradient norm (val)")]
+    mean_rows = []  # per run and step: the mean over the layers of each kind
+    for name, table in zip(names, tables, strict=True):
+        for row in table:
+            means = {}
+            for kind in kinds:
+                for what, _ in metrics:
+                    values = [v for k, v in row.items() if k.endswith(f".{kind}/{what}")]
+                    if values:
+                        means[f"{kind}/{what}"] = sum(values) / len(values)
+            mean_rows.append({"run": name, "step": row["step"], **means})
+    fig, axes = plt.subplots(1 + len(kinds), 3, figsize=(13.5, 3.3 * (1 + len(kinds))), squeeze=False)
+    scale, colours = x_axis(run_dirs), [f"C{i}" for i in range(len(run_dirs))]
+    for (train, evals), name, c in zip(runs, names, colours, strict=True):
+        axes[0][0].plot([r["step"] for r in train], [r["loss"] for r in train], color=c, alpha=0.8, label=name)
+        axes[0][1].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=c, label=name)
+        axes[0][2].plot([r["step"] for r in train], [r["lr"] for r in train], color=c, label=name)
+    for ax, title in zip(axes[0], ("training loss", "evaluation loss", "learning rate"), strict=True):
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize="small")
+    for i, kind in enumerate(kinds, start=1):
+        for j, (what, title) in enumerate(metrics):
+            ax = axes[i][j]
+            for name, c in zip(names, colours, strict=True):
+                points = [(r["step"], r[f"{kind}/{what}"]) for r in mean_rows if r["run"] == name and
+                          f"{kind}/{what}" in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), ".-", color=c, label=name)
+            ax.set(title=f"{kind}: {title}", xlabel="step", ylabel="mean over its layers" if j == 0 else "")
+    for ax in axes.flat:
+        scale(ax)
+    fig.suptitle("  vs  ".join(names))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    rows = {(r["run"], r["step"]): r for r in mean_rows}  # one row per run and step, its evaluation too
+    for name, (_, evals) in zip(names, runs, strict=True):
+        for e in evals:
+            rows.setdefault((name, e["step"]), {"run": name, "step": e["step"]})["eval_loss"] = e["loss"]
+    write_csv(os.path.splitext(out)[0] + ".csv", [rows[k] for k in sorted(rows)])
+    if not kinds:
+        notes.append("no learning dynamics in these runs (layer_suffixes was empty?): only the losses")
+    return [out, os.path.splitext(out)[0] + ".csv"], notes
+
+
 if __name__ == "__main__":
     import argparse
     import time
     parser = argparse.ArgumentParser(description="Pictures of a run's learning, offline, from its folder alone.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("plot", help="write PNG figures and their CSV numbers into runs/<run>/plots/")
-    p.add_argument("run_dir")
+    p = sub.add_parser("plot", help="write PNG figures and their CSV numbers into runs/<run>/plots/; given several "
+                                    "runs, one picture of them side by side (the last run's plots/compare.png)")
+    p.add_argument("run_dirs", nargs="+", metavar="run_dir")
+    p.add_argument("--out", help="with several runs: where the picture goes (default <last run>/plots/compare.png)")
     args = parser.parse_args()
-    if not os.path.isdir(checkpoint.checkpoints_dir(args.run_dir)):
-        raise SystemExit(f"{args.run_dir}: not a run folder (no checkpoints/ in it)")
-    if problem := checkpoint.run_folder_problem(args.run_dir):  # plots/ would be written through a link, say
-        raise SystemExit(f"cannot plot {args.run_dir}: {problem}")
-    t0 = time.time()
+    for run_dir in args.run_dirs:
+        if not os.path.isdir(checkpoint.checkpoints_dir(run_dir)):
+            raise SystemExit(f"{run_dir}: not a run folder (no checkpoints/ in it)")
+        if problem := checkpoint.run_folder_problem(run_dir):  # plots/ would be written through a link, say
+            raise SystemExit(f"cannot plot {run_dir}: {problem}")
+    where, t0 = args.run_dirs[-1], time.time()
     try:
-        files, notes = plot(args.run_dir)
+        files, notes = plot(where) if len(args.run_dirs) == 1 else compare(
+            args.run_dirs, args.out or os.path.join(where, "plots", "compare.png"))
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"cannot plot {args.run_dir}: {e}") from None
+        raise SystemExit(f"cannot plot {', '.join(args.run_dirs)}: {e}") from None
     except OSError as e:  # a read-only or full disk
-        raise SystemExit(f"cannot plot {args.run_dir}: {e.strerror} writing {e.filename or 'its plots/'} "
-                         f"({shutil.disk_usage(args.run_dir).free / 2**30:.1f} GiB free there)") from None
+        raise SystemExit(f"cannot plot {where}: {e.strerror} writing {e.filename or 'its plots/'} "
+                         f"({shutil.disk_usage(where).free / 2**30:.1f} GiB free there)") from None
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {', '.join(files)} in {time.time() - t0:.1f}s")

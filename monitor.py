@@ -50,6 +50,13 @@ class Monitor:
         self.log(msg, console=False)  # (the console gets it once, from SystemExit)
         return SystemExit(msg)
 
+    def fail(self, reason, fix="lower lr (or check the data)"):
+        """End a run that cannot go on (every rank raises), naming the checkpoint it resumes from."""
+        link = os.path.join(self.run_dir, "checkpoints", "latest")
+        last = os.path.realpath(link) if os.path.lexists(link) else None
+        raise self.refuse(f"{reason}; stopping. The last good checkpoint is {last}: {fix} and run again to resume "
+                          f"from it." if last else f"{reason}; stopping, with no checkpoint saved.")
+
     @contextlib.contextmanager
     def writing(self, name):
         """A write to the run folder; one that fails (a full disk) stops the run with one line, which

@@ -36,6 +36,7 @@ runs_dir = "runs"
 save_every_n_steps = 1000
 save_log_spaced_until = 0  # also save at steps 1, 2, 4, 8, ... up to this one (early learning moves fastest); 0: no
 auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
+init_from = "scratch"  # or a checkpoint folder a new run starts from (a fork): docs/checkpoints.md#forks
 stop_at_step = None  # end this session at this step with a checkpoint (job time limits); run again to go on
 # checkpointing: the Hugging Face Hub (hub.py)
 save_to_hf = False
@@ -279,36 +280,42 @@ def resume():
     ranks), read it without running any code, refuse settings that cannot go on with it, then put
     back the weights, the optimizer state (DeepSpeed's below, once it has made its shards), the
     data position, the metrics log and the random generators. write_checkpoint() says what is read.
-    Returns (the checkpoint folder, its training state), or (None, None) for a new run."""
+    A new run with init_from starts so from another's checkpoint (other data: at its start) or from
+    weights alone. Returns (the run's own checkpoint or None, the state it goes on from or None)."""
     try:
-        folder = checkpoint.find(run_dir, log=log)  # rank 0 checks it, for every rank
-        if folder is None:
+        folder = checkpoint.find(run_dir, log=log) if auto_resume else None  # rank 0 checks, for every rank
+        parent = None if folder or init_from == "scratch" else checkpoint.find_parent(init_from)
+        if not (folder or parent):
             return None, None
-        state, weights, harmless = checkpoint.read(folder, (decay, no_decay), run_state, MUST_MATCH)  # every rank
+        state, weights, harmless = checkpoint.read(folder or parent[0], (decay, no_decay), run_state,
+                                                   MODEL_SETTINGS if parent else MUST_MATCH, model_config)
     except checkpoint.CheckpointError as e:
-        raise report.refuse(f"cannot resume: {e}") from None
+        raise report.refuse(f"cannot {'start from init_from' if init_from != 'scratch' else 'resume'}: {e}") from None
+    run_state["lineage"] = (state["config"].get("lineage", []) if state else []) + ([parent[1]] if parent else [])
     if harmless:
-        log(f"resuming with changed settings: {harmless}")
-    if state["step"] > max_steps:
+        log(f"{'forking' if parent else 'resuming'} with changed settings: {harmless}")
+    if state and state["step"] > max_steps:
         raise report.refuse(f"cannot resume {folder}: it is at step {state['step']}, past max_steps "
-                         f"{max_steps}; set max_steps to at least {state['step']} to go on training this run")
+                            f"{max_steps}; set max_steps to at least {state['step']} to go on training this run")
     with torch.no_grad():
         for p, q in zip(raw_model.state_dict().values(), weights.values(), strict=True):
             p.copy_(q)
-    if not use_deepspeed:  # DeepSpeed's is loaded once it has made its shards, below
+    if state and not use_deepspeed:  # DeepSpeed's is loaded once it has made its shards, below
         checkpoint.load_optimizer_state(optimizer, state["optimizer"], (decay, no_decay))
-    try:
-        train_data.load_state_dict(state["data"])
+    try:  # (a fork on other data starts at its beginning)
+        if state and [state["config"][k] for k in ("dataset_name", "dataset_split")] == [dataset_name, dataset_split]:
+            train_data.load_state_dict(state["data"])
     except data.DataError as e:
         raise report.refuse(f"data error: {e}") from None
-    log(f"resumed from {folder} at step {state['step']}")
-    if master and (unreadable := checkpoint.keep_metrics_until(run_dir, state["step"])):  # later steps are redone
+    log(f"forked from {parent[1]}" if parent else f"resumed from {folder} at step {state['step']}")
+    if master and (unreadable := checkpoint.keep_metrics_until(run_dir, state["step"] if state else 0)):
         log(f"{unreadable} line(s) of {run_dir}/logs/metrics.jsonl were not rows (a crash mid-write?) and were dropped")
-    checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])  # (DDP and DeepSpeed draw no random numbers)
+    if state:
+        checkpoint.set_rng_state(state["rng"][rank % len(state["rng"])])  # (DDP and DeepSpeed draw no random numbers)
     return folder, state
 
 
-resume_from, resumed_state = resume() if auto_resume else (None, None)
+resume_from, resumed_state = resume()
 start_step = resumed_state["step"] if resumed_state else 0
 if master:  # the settings of this run, written once it is known that they can go on with what is here
     configurator.write_yaml(config, __file__, os.path.join(run_dir, "training_config.yaml"), world_size=world_size)
@@ -335,7 +342,7 @@ if use_deepspeed:
     groups = dist.distributed_c10d._world.pg_map  # the world's and DeepSpeed's own (data parallel, ...)
     log(f"{len(groups)} process groups, each waiting at most " + ", ".join(sorted({str(g._get_backend(
         torch.device(device_type)).options._timeout) for g in groups})) + " at a collective")
-    if resume_from:  # the full AdamW state, shared out into this rank's ZeRO-2 shards
+    if resumed_state:  # the full AdamW state, shared out into this rank's ZeRO-2 shards
         checkpoint.load_optimizer_state(optimizer, resumed_state["optimizer"], (decay, no_decay), zero=True)
 elif is_dist:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -361,18 +368,9 @@ def evaluate():
 def report_eval(step, results):
     """Log and save an evaluation (monitor.evaluation); numbers that overflow stop the run, unsaved."""
     if not all(math.isfinite(v) for v in results.values() if isinstance(v, float)):
-        fail(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float))
-             + ": the model has diverged, so this step is not saved")
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float))
+        report.fail(f"step {step}: eval {numbers}: the model has diverged, so this step is not saved")
     report.evaluation(step, results, eval_set)
-
-
-def fail(reason, fix="lower lr (or check the data)"):
-    """End a run that cannot go on, naming the checkpoint it can be resumed from."""
-    link = os.path.join(checkpoint.checkpoints_dir(run_dir), "latest")
-    last = os.path.realpath(link) if os.path.lexists(link) else None
-    msg = (f"{reason}; stopping. The last good checkpoint is {last}: {fix} and run again "
-           f"to resume from it." if last else f"{reason}; stopping, with no checkpoint saved.")
-    raise report.refuse(msg)
 
 
 def capture_dynamics(step, fused):
@@ -430,7 +428,7 @@ def save_checkpoint(step, evaluating=False):
         log("step 0: " + ("evaluating, " if evaluating else "") + ("capturing the learning dynamics, " if
             layer_suffixes else "") + "saving the first checkpoint; the first training step comes after it")
     if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():
-        fail(f"step {step}: the weights hold NaN or inf, so they are not saved")
+        report.fail(f"step {step}: the weights hold NaN or inf, so they are not saved")
     # the learning dynamics' val rows are the evaluation rows by default (the demo's and pico-train's
     # settings): their capture's forward pass then gives the evaluation's numbers, one pass for both
     fused = evaluating and eval_from_dynamics and bool(layer_suffixes) and dynamics_val_seqs is eval_seqs
@@ -442,7 +440,7 @@ def save_checkpoint(step, evaluating=False):
     if uploader and not failed:  # a sealed checkpoint is queued by being there: the uploader looks again
         uploader.nudge()
     if failed:
-        fail(failed, fix=f"free space on the disk of {run_dir} (or make it writable)")
+        report.fail(failed, fix=f"free space on the disk of {run_dir} (or make it writable)")
     log(f"step {step}: checkpoint saved to {checkpoint.step_dir(run_dir, step)} in {time.time() - t0:.1f}s")
 
 
@@ -506,7 +504,7 @@ def check_step(step, loss_sum):
         dist.all_reduce(shared)  # a sum (gloo has no mean): divided by the ranks below
     step_loss, signal_share, norm = torch.cat([shared / world_size, grad_norm.float().view(1)]).tolist()
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
-        fail(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
+        report.fail(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
     return step_loss, norm, signal_share > 0
 
 
@@ -516,7 +514,7 @@ def deepspeed_step(step, step_loss):
     skipped = model.skipped_steps
     model.step()
     if model.skipped_steps > skipped:
-        fail(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")
+        report.fail(f"step {step + 1}: loss {step_loss}, gradient norm not finite, so the step was not applied")
     return float(model.get_global_grad_norm() or 0.0)
 
 

@@ -2,6 +2,8 @@
 test_newcomer.py), DeepSpeed ZeRO-2 against a single process, transformers loading every
 checkpoint, and clear refusals of incompatible configs and damaged checkpoints."""
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -13,6 +15,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import checkpoint
 
@@ -172,3 +175,101 @@ def test_bf16_is_the_same_numerics_under_ddp_and_zero2(tmp_path):
         for kind in ("activations", "weights", "gradients"):
             saved = torch.load(step_dir / "learning_dynamics" / f"val_{kind}.pt", weights_only=True)
             assert {t.dtype for t in saved.values()} == {torch.float32}, (step, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# forks: a new run from another run's checkpoint, or from weights alone (init_from)
+
+def test_a_fork_that_changes_nothing_is_its_parent_and_says_where_it_came_from(tmp_path, reference_run):
+    parent = reference_run(*STRAIGHT) / "ref"  # steps 0, 2, 4, 6
+    before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and not p.is_symlink()}
+    step2 = parent / "checkpoints" / "step_2"
+    proc = run_train(tmp_path, "--run_name=fork", *STRAIGHT, f"--init_from={step2}")
+    line = next(x for x in proc.stdout.splitlines() if "forked from" in x)
+    digest = hashlib.sha256((step2 / "manifest.json").read_bytes()).hexdigest()
+    assert line.endswith(f"forked from {step2} (step 2, manifest sha256 {digest})"), line
+    for step in (4, 6):  # the parent's later checkpoints, bit for bit
+        assert max_diff(weights(parent.parent, "ref", step), weights(tmp_path, "fork", step)) == 0.0
+        assert (tmp_path / "fork" / "eval_results" / f"step_{step}.json").read_bytes() == \
+            (parent / "eval_results" / f"step_{step}.json").read_bytes()
+    assert not (tmp_path / "fork" / "checkpoints" / "step_0").exists()
+    assert yaml.safe_load(open(tmp_path / "fork" / "training_config.yaml"))["checkpointing"]["init_from"] == str(step2)
+    state = checkpoint.load_state(tmp_path / "fork" / "checkpoints" / "step_6" / "training_state.pt")
+    assert state["config"]["lineage"] == [f"{step2} (step 2, manifest sha256 {digest})"]
+    import data  # what each of the fork's steps trained on: its parent's batches (before its own checkpoints too)
+    shutil.rmtree(tmp_path / "fork" / "checkpoints" / "step_2")
+    for step in (2, 3, 5):
+        assert (data.global_batch(str(tmp_path / "fork"), step)[0] == data.global_batch(str(parent), step)[0]).all()
+    with pytest.raises(data.DataError, match="it starts at step 2"):
+        data.global_batch(str(tmp_path / "fork"), 1)
+    # with ten times the learning rate: a model of its own; and a fork of that fork carries both lines
+    run_train(tmp_path, "--run_name=hot", *STRAIGHT, f"--init_from={step2}", "--lr=3e-2")
+    assert max_diff(weights(parent.parent, "ref", 6), weights(tmp_path, "hot", 6)) > 1e-3
+    hot4 = tmp_path / "hot" / "checkpoints" / "step_4"
+    run_train(tmp_path, "--run_name=hotter", *STRAIGHT, f"--init_from={hot4}", "--lr=3e-2")
+    assert max_diff(weights(tmp_path, "hot", 6), weights(tmp_path, "hotter", 6)) == 0.0
+    lineage = checkpoint.load_state(tmp_path / "hotter" / "checkpoints" / "step_6" / "training_state.pt")
+    assert [x.split(" (")[0] for x in lineage["config"]["lineage"]] == [str(step2), str(hot4)]
+    # the two runs on one picture: the means it draws are the layers' own numbers
+    import csv
+
+    import dynamics
+    proc = subprocess.run([sys.executable, "dynamics.py", "plot", str(parent), str(tmp_path / "hot")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "hot" / "plots" / "compare.png").stat().st_size > 10_000, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "hot" / "plots" / "compare.csv")))
+    assert {(r["run"], r["step"]) for r in rows} >= {("ref", "0"), ("ref", "6"), ("hot", "2"), ("hot", "6")}
+    layers = next(r for r in dynamics.layer_table(str(tmp_path / "hot")) if r["step"] == 6)
+    drawn = next(r for r in rows if (r["run"], r["step"]) == ("hot", "6"))
+    for kind in ("attention.v_proj", "swiglu.w_2"):
+        values = [v for k, v in layers.items() if k.endswith(f".{kind}/weight_rel_change")]
+        assert len(values) == 2 and float(drawn[f"{kind}/weight_rel_change"]) == pytest.approx(sum(values) / 2)
+    assert {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and not p.is_symlink()} == before
+
+
+def test_weights_alone_start_a_run_at_step_0_and_bad_parents_are_one_line(tmp_path, base_run):
+    """pico-train's own format (its names, q and k interleaved) as init_from: the new run's step-0
+    checkpoint computes the logits of a from-scratch pico-train reference; a wrong shape, a missing
+    folder, flipped bytes or a planted pickle in the parent are each one line, and nothing runs."""
+    from safetensors.torch import save_file
+
+    from model import ModelConfig, PicoDecoder, load_pretrained
+    from test_model import reference_pico_train_logits
+    cfg = {"d_model": 32, "n_layers": 2, "vocab_size": 50304, "max_seq_len": 64, "attention_n_heads": 2,
+           "attention_n_kv_heads": 1, "activation_hidden_dim": 64, "norm_eps": 1e-6, "position_emb_theta": 10000.0}
+    torch.manual_seed(5)
+    shapes = PicoDecoder(ModelConfig(**cfg)).state_dict()
+    sd = {"pico_decoder." + k: torch.randn_like(v) * 0.3 for k, v in shapes.items()}
+    theirs = tmp_path / "pico-train"
+    theirs.mkdir()
+    save_file(sd, str(theirs / "model.safetensors"))
+    (theirs / "config.json").write_text(json.dumps({**cfg, "model_type": "pico_decoder",
+                                                    "architectures": ["PicoDecoderHF"]}))
+    proc = run_train(tmp_path, "--run_name=tuned", f"--init_from={theirs}", "--max_steps=0")
+    assert "forked from" in proc.stdout and "(weights alone, model.safetensors sha256" in proc.stdout
+    ids = torch.randint(0, 50304, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_pretrained(tmp_path / "tuned" / "checkpoints" / "step_0")(ids)[0]
+    ref = reference_pico_train_logits(sd, cfg, ids)
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+    def refused(init_from, *args):
+        proc = run_train(tmp_path, "--run_name=refused", f"--init_from={init_from}", *args, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not (tmp_path / "refused" / "checkpoints").exists() or not os.listdir(tmp_path / "refused" /
+                                                                                      "checkpoints")
+        return proc.stderr.strip().splitlines()[-1]
+    assert "holds a model of another shape than these settings say: d_model 32 there, 64 here" in \
+        refused(theirs, "--d_model=64")
+    assert "is not a checkpoint folder" in refused(tmp_path / "nowhere")
+    copy = tmp_path / "damaged"
+    shutil.copytree(base_run / "checkpoints" / "step_2", copy)
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    assert "model.safetensors has the right size but not the content" in refused(copy)
+    from helpers import plant_pickle, refresh_manifest
+    shutil.copytree(base_run / "checkpoints" / "step_2", tmp_path / "pickled")
+    plant_pickle(tmp_path / "pickled" / "training_state.pt", tmp_path / "pwned")
+    refresh_manifest(tmp_path / "pickled")
+    assert "refusing to load" in refused(tmp_path / "pickled") and not (tmp_path / "pwned").exists()
