@@ -406,30 +406,42 @@ def find(run_dir, log=print):
     return heard_from_rank0(verdict)
 
 
-def find_parent(init_from):
+def find_parent(init_from, run_dir):
     """The checkpoint a new run starts from (a fork), checked as a resume's is, by rank 0 for every
     rank (a collective): one of our checkpoint folders (with its manifest: checked against it and
-    scanned for pickled code; weights, optimizer, step, data position and RNG are taken), or any
-    folder load_pretrained() reads (weights alone: pico-train's, a Llama one). It is only read.
+    scanned for pickled code; weights, optimizer, step, data position and RNG are taken), any
+    folder load_pretrained() reads (weights alone: pico-train's, a Llama one), or a step on the Hub,
+    REPO@BRANCH:STEP, fetched first into run_dir/parent/ (hub.fetch_step). It is only read.
     Returns (the folder, its line of lineage: where it is, its step, the sha256 of its manifest or
     of its weights), or raises CheckpointError on every rank."""
     import torch.distributed as dist
+
+    import hub
     verdict = [None, None]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         try:
-            folder = os.path.abspath(init_from)
-            if not os.path.isdir(folder) or problem_in(folder, ("config.json", "model.safetensors")):
+            folder, skip = os.path.abspath(init_from), ()
+            if not os.path.lexists(init_from) and hub.HUB_REF.match(init_from):
+                try:
+                    folder, skip = hub.fetch_step(init_from, os.path.join(run_dir, "parent")), hub.NOT_FETCHED
+                except (SystemExit, CheckpointError) as e:  # hub.py's own line (no network, a damaged step)
+                    raise CheckpointError(f"init_from {init_from!r}: {e}") from None
+                except Exception as e:  # noqa: BLE001 - whatever the Hub said, in one line
+                    raise CheckpointError(f"init_from {init_from!r}: {type(e).__name__}: {hub.error_line(e)}") from None
+            elif not os.path.isdir(folder) or problem_in(folder, ("config.json", "model.safetensors")):
                 raise CheckpointError(f"init_from {init_from!r} is not a checkpoint folder: it takes a step_<N> folder "
-                                      f"of a run (runs/demo/checkpoints/step_32), or a folder with config.json and "
-                                      f"model.safetensors (pico-train's, a Llama one), or 'scratch'")
+                                      f"of a run (runs/demo/checkpoints/step_32), a folder with config.json and "
+                                      f"model.safetensors (pico-train's, a Llama one), a step on the Hub "
+                                      f"(REPO@BRANCH:STEP), or 'scratch'")
+            where = init_from if folder != os.path.abspath(init_from) else folder
             if os.path.lexists(os.path.join(folder, MANIFEST)):
-                verify(folder, fix="fork another step")
+                verify(folder, fix="fork another step", skip=skip)
                 scan(folder)
                 step, digest = folder_step(folder), file_sha256(os.path.join(folder, MANIFEST))
-                line = f"{folder} (step {step}, manifest sha256 {digest})"
+                line = f"{where} (step {step}, manifest sha256 {digest})"
             else:
                 digest = file_sha256(os.path.join(folder, "model.safetensors"))
-                line = f"{folder} (weights alone, model.safetensors sha256 {digest})"
+                line = f"{where} (weights alone, model.safetensors sha256 {digest})"
             verdict[0] = (folder, line)
         except CheckpointError as e:
             verdict[1] = str(e)

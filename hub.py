@@ -43,6 +43,8 @@ import time
 
 TITLE_RE = re.compile(r"^(.*) -- Step (\d+)$")
 DIGEST_RE = re.compile(r"content sha256 ([0-9a-f]{64})")  # in a commit's description: what it holds
+HUB_REF = re.compile(r"^([\w.-]+/[\w.-]+)@([^\s:@]+):(\d+)$")  # init_from's Hub step: REPO@BRANCH:STEP
+NOT_FETCHED = ("learning_dynamics/", "tokenizer.json", "tokenizer_config.json")  # by fetch_step: a fork needs none
 # what each commit holds: (title, files of the checkpoint folder, where they go in the repo)
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.py"]  # model.py: not a Llama
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
@@ -199,13 +201,13 @@ class Uploader:
     the queue: what is left is the commits of its sealed checkpoints whose content the branch does
     not hold under their title (the module's docstring)."""
 
-    def __init__(self, run_dir, repo_id, branch, collection_slug=None, log_fn=print):
+    def __init__(self, run_dir, repo_id, branch, collection_slug=None, log_fn=print, lineage=()):
         from huggingface_hub import HfApi
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()  # the log says what was uploaded; bars would flood it
         self.api = HfApi()  # token from HF_TOKEN or `huggingface-cli login`; endpoint from HF_ENDPOINT
         self.run_dir, self.repo_id, self.branch = run_dir, repo_id, branch
-        self.collection, self.log = collection_slug, log_fn
+        self.collection, self.log, self.lineage = collection_slug, log_fn, list(lineage)  # (a fork's: where from)
         import checkpoint
         self.steps = lambda: checkpoint.saved_steps(run_dir)  # the sealed checkpoints, in order
         self.earlier = self.steps()  # those of earlier sessions
@@ -283,7 +285,8 @@ class Uploader:
                                    if p not in c["files"] and any(fnmatch.fnmatch(p, d) for d in c["delete"]))
                     ops = [CommitOperationAdd(k, v) for k, v in sorted(c["files"].items())] + \
                         [CommitOperationDelete(p) for p in stale]
-                    description = f"content sha256 {c['digest']} (of the sorted lines 'path<TAB>sha256' of its files)"
+                    description = "".join([f"content sha256 {c['digest']} (of the sorted lines 'path<TAB>sha256' "
+                                           f"of its files)"] + [f"\nforked from {line}" for line in self.lineage])
                     self._call(lambda ops=ops, title=c["title"], d=description: api.create_commit(
                         repo, ops, commit_message=title, commit_description=d, revision=branch), c["title"])
                     remote = (remote - set(stale)) | set(c["files"])
@@ -328,6 +331,16 @@ def list_steps(repo_id, branch):
         if m:
             steps.setdefault(int(m.group(2)), {})[m.group(1)] = c.commit_id
     return dict(sorted(steps.items()))
+
+
+def lineage_of(repo_id, branch):
+    """Where a branch's run was forked from, as its newest commit that says so says ("forked from
+    ..." lines, the first parent first), or []."""
+    from huggingface_hub import HfApi
+    for c in HfApi().list_repo_commits(repo_id, revision=branch):
+        if lines := re.findall(r"^forked from (.+)$", c.message or "", re.M):
+            return lines
+    return []
 
 
 def commit_for(steps, repo_id, branch, step, title):
@@ -445,6 +458,39 @@ def restore(repo_id, branch, step, run_dir, unchecked=False):
     return done
 
 
+def fetch_step(ref, dest):
+    """A step on the Hub that init_from names, REPO@BRANCH:STEP, fetched into dest/step_<STEP> (in
+    the new run's folder, which every node sees) at the commits that saved it: the model's files,
+    and, where the step has this pico-train's training state and its manifest, those too (a fork of
+    all of it). A step without them (pico-train's own: Lightning's pickled state is never fetched)
+    is weights alone. Every path is checked to stay inside dest before anything is fetched; the
+    caller checks the files (checkpoint.find_parent). Returns the folder."""
+    import shutil
+    import tempfile
+
+    from huggingface_hub import HfApi
+    repo_id, branch, step = HUB_REF.match(ref).groups()
+    step = int(step)
+    reachable()
+    steps = list_steps(repo_id, branch)
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        download(repo_id, branch, step, "model", tmp, steps)
+        state = steps.get(step, {}).get(WHAT["state"][0])
+        if state and "training_state/manifest.json" in HfApi().list_repo_files(repo_id, revision=state):
+            download(repo_id, branch, step, "state", tmp, steps)
+            for name in os.listdir(os.path.join(tmp, "training_state")):
+                os.replace(os.path.join(tmp, "training_state", name), os.path.join(tmp, name))
+            os.rmdir(os.path.join(tmp, "training_state"))
+        folder = os.path.join(dest, f"step_{step}")
+        if os.path.lexists(folder):  # fetched before (a fork that stopped before its first checkpoint)
+            shutil.rmtree(folder)
+        shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)  # huggingface_hub's own bookkeeping
+        os.rename(tmp, folder)
+        os.makedirs(tmp)  # (TemporaryDirectory removes it)
+    return folder
+
+
 def push(run_dir, repo_id=None, timeout=3600.0):
     """Upload what of a run's checkpoints is not on its branch yet (say the Hub was down at the end).
     The repository is repo_id or the run's hf_repo_id, the branch its run_name; both are said first."""
@@ -524,6 +570,8 @@ def main(args):
     if args.cmd in ("list", "download"):
         reachable()  # (restore and push check the local folder first)
     if args.cmd == "list":
+        for line in lineage_of(args.repo, args.branch):
+            print(f"forked from {line}")
         for step, commits in list_steps(args.repo, args.branch).items():
             print(f"step {step}: " + ", ".join(f"{t} ({cid[:8]})" for t, cid in commits.items()))
     elif args.cmd == "download":

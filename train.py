@@ -182,7 +182,7 @@ log = report.log
 log(f"{world_size} process(es), {device}, {precision}{precision_note}, "
     f"backend {backend}{'' if is_dist else ' (a world of one)'}; step = {batch_size} sequences x "
     f"{max_seq_len} tokens = {gradient_accumulation_steps} micro-steps x "
-    f"{world_size} ranks x sub-batch {sub_batch}")
+    f"{world_size} ranks x sub-batch {sub_batch}" + (f"; init_from {init_from}" if init_from != "scratch" else ""))
 if device_type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] > os.cpu_count():
     log(f"this machine is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): torch's "
         f"{torch.get_num_threads()} threads may wait on each other, and OMP_NUM_THREADS=1 may train faster")
@@ -263,8 +263,6 @@ if ignored_from_yaml:
 if set_aside:
     log(f"auto_resume=False: the run that was in {run_dir} is kept, untouched, in {set_aside}")
 
-# rank 0's background Hub uploader; the other ranks never wait on the Hub
-uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log) if save_to_hf and master else None
 if save_to_wandb:
     report.start_wandb(wandb_project, wandb_entity, run_name, config)
 
@@ -272,7 +270,7 @@ if save_to_wandb:
 # resume: continue from checkpoints/latest (same weights, optimizer, data position, RNG), with any
 # backend and any number of ranks: a checkpoint holds the full optimizer state in AdamW's own form
 MUST_MATCH = {*MODEL_SETTINGS, "dataset_name", "dataset_split"}
-run_state = {**config, "backend": backend, "world_size": world_size}
+run_state = {**config, "backend": backend, "world_size": world_size, "lineage": []}  # lineage: a fork's
 
 
 def resume():
@@ -284,7 +282,7 @@ def resume():
     weights alone. Returns (the run's own checkpoint or None, the state it goes on from or None)."""
     try:
         folder = checkpoint.find(run_dir, log=log) if auto_resume else None  # rank 0 checks, for every rank
-        parent = None if folder or init_from == "scratch" else checkpoint.find_parent(init_from)
+        parent = None if folder or init_from == "scratch" else checkpoint.find_parent(init_from, run_dir)
         if not (folder or parent):
             return None, None
         state, weights, harmless = checkpoint.read(folder or parent[0], (decay, no_decay), run_state,
@@ -316,6 +314,9 @@ def resume():
 
 
 resume_from, resumed_state = resume()
+# rank 0's background Hub uploader (the other ranks never wait on the Hub); its commits name the run's lineage
+uploader = hub.Uploader(run_dir, hf_repo_id, run_name, hf_collection_slug, log, run_state["lineage"]) \
+    if save_to_hf and master else None
 start_step = resumed_state["step"] if resumed_state else 0
 if master:  # the settings of this run, written once it is known that they can go on with what is here
     configurator.write_yaml(config, __file__, os.path.join(run_dir, "training_config.yaml"), world_size=world_size)

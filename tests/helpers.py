@@ -125,3 +125,22 @@ def import_file(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def pico_train_checkpoint(folder, seed):
+    """A checkpoint in pico-train's own format (PicoDecoderHF: config.json of model_type pico_decoder,
+    weights named pico_decoder.*, q and k rows interleaved) of TINY's shape, random weights, written
+    into folder. Returns (its weights, its config) for tests/test_model.reference_pico_train_logits."""
+    from safetensors.torch import save_file
+
+    from model import ModelConfig, PicoDecoder
+    cfg = {"d_model": 32, "n_layers": 2, "vocab_size": 50304, "max_seq_len": 64, "attention_n_heads": 2,
+           "attention_n_kv_heads": 1, "activation_hidden_dim": 64, "norm_eps": 1e-6, "position_emb_theta": 10000.0}
+    torch.manual_seed(seed)
+    shapes = PicoDecoder(ModelConfig(**cfg)).state_dict()
+    weights = {"pico_decoder." + k: torch.randn_like(v) * 0.3 for k, v in shapes.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(weights, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**cfg, "model_type": "pico_decoder", "architectures": ["PicoDecoderHF"]}, f)
+    return weights, cfg

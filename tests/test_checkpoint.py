@@ -150,7 +150,6 @@ def test_bf16_is_the_same_numerics_under_ddp_and_zero2(tmp_path):
     learning dynamics are fp32."""
     pytest.importorskip("deepspeed")
     transformers = pytest.importorskip("transformers")
-    import json
 
     import data
     args = ("--precision=bf16", "--batch_size=16", "--gradient_accumulation_steps=8", "--max_steps=2")
@@ -185,6 +184,7 @@ def test_a_fork_that_changes_nothing_is_its_parent_and_says_where_it_came_from(t
     before = {p: p.read_bytes() for p in parent.rglob("*") if p.is_file() and not p.is_symlink()}
     step2 = parent / "checkpoints" / "step_2"
     proc = run_train(tmp_path, "--run_name=fork", *STRAIGHT, f"--init_from={step2}")
+    assert proc.stdout.splitlines()[0].endswith(f"; init_from {step2}")  # the first line says where it starts
     line = next(x for x in proc.stdout.splitlines() if "forked from" in x)
     digest = hashlib.sha256((step2 / "manifest.json").read_bytes()).hexdigest()
     assert line.endswith(f"forked from {step2} (step 2, manifest sha256 {digest})"), line
@@ -231,20 +231,11 @@ def test_weights_alone_start_a_run_at_step_0_and_bad_parents_are_one_line(tmp_pa
     """pico-train's own format (its names, q and k interleaved) as init_from: the new run's step-0
     checkpoint computes the logits of a from-scratch pico-train reference; a wrong shape, a missing
     folder, flipped bytes or a planted pickle in the parent are each one line, and nothing runs."""
-    from safetensors.torch import save_file
-
-    from model import ModelConfig, PicoDecoder, load_pretrained
+    from helpers import pico_train_checkpoint
+    from model import load_pretrained
     from test_model import reference_pico_train_logits
-    cfg = {"d_model": 32, "n_layers": 2, "vocab_size": 50304, "max_seq_len": 64, "attention_n_heads": 2,
-           "attention_n_kv_heads": 1, "activation_hidden_dim": 64, "norm_eps": 1e-6, "position_emb_theta": 10000.0}
-    torch.manual_seed(5)
-    shapes = PicoDecoder(ModelConfig(**cfg)).state_dict()
-    sd = {"pico_decoder." + k: torch.randn_like(v) * 0.3 for k, v in shapes.items()}
     theirs = tmp_path / "pico-train"
-    theirs.mkdir()
-    save_file(sd, str(theirs / "model.safetensors"))
-    (theirs / "config.json").write_text(json.dumps({**cfg, "model_type": "pico_decoder",
-                                                    "architectures": ["PicoDecoderHF"]}))
+    sd, cfg = pico_train_checkpoint(theirs, seed=5)
     proc = run_train(tmp_path, "--run_name=tuned", f"--init_from={theirs}", "--max_steps=0")
     assert "forked from" in proc.stdout and "(weights alone, model.safetensors sha256" in proc.stdout
     ids = torch.randint(0, 50304, (2, 24), generator=torch.Generator().manual_seed(0))

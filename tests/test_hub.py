@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from helpers import ROOT, TINY, max_diff, run_train, weights
@@ -321,3 +322,43 @@ def test_the_hub_holds_the_local_bytes_and_restore_never_replaces_local_work(tmp
     os.symlink(tmp_path / "dl2", run / "checkpoints" / "step_9")
     push = run_hub_cli(hub, "push", str(run))
     assert push.returncode != 0 and "step_9 is a symbolic link" in push.stderr, push.stderr
+
+
+def test_a_run_forks_from_a_step_on_the_hub_ours_or_pico_trains(tmp_path, hub):
+    """init_from=REPO@BRANCH:STEP: one of our steps (weights, optimizer, data position, RNG: the same
+    run on from there, bit for bit) or a pico-train repository's (its weights alone; Lightning's
+    pickled state is never fetched); the fork's commits and `hub.py list` name where it came from."""
+    run_train(tmp_path, *hub_args("src"), "--max_steps=2", env=hub.env)
+    proc = run_train(tmp_path, *hub_args("fromhub"), "--max_steps=2", f"--init_from={REPO}@src:0", env=hub.env)
+    assert f"forked from {REPO}@src:0 (step 0, manifest sha256 " in proc.stdout
+    assert max_diff(weights(tmp_path, "src", 2), weights(tmp_path, "fromhub", 2)) == 0.0
+    listing = run_hub_cli(hub, "list", REPO, "--branch", "fromhub")
+    assert listing.stdout.startswith(f"forked from {REPO}@src:0 (step 0, manifest sha256 "), listing.stdout
+    # a pico-train repository: its branch holds the run's commits, with pico-train's titles
+    from helpers import pico_train_checkpoint, plant_pickle
+    from model import load_pretrained
+    from test_model import reference_pico_train_logits
+    sd, cfg = pico_train_checkpoint(tmp_path / "theirs", seed=7)
+    plant_pickle(tmp_path / "fabric.pt", tmp_path / "pwned")
+    hub.create("pico-lm/pico-decoder-tiny")
+    hub.state.repos["pico-lm/pico-decoder-tiny"]["branches"]["pico-decoder-tiny-1"] = \
+        hub.state.repos["pico-lm/pico-decoder-tiny"]["branches"]["main"]
+    hub.plant("pico-lm/pico-decoder-tiny", "pico-decoder-tiny-1", "Saving HF Model -- Step 1000",
+              {name: (tmp_path / "theirs" / name).read_bytes() for name in ("config.json", "model.safetensors")})
+    hub.plant("pico-lm/pico-decoder-tiny", "pico-decoder-tiny-1", "Saving Fabric Checkpoint -- Step 1000",
+              {"fabric_state/checkpoint.pt": (tmp_path / "fabric.pt").read_bytes()})
+    ref = "pico-lm/pico-decoder-tiny@pico-decoder-tiny-1:1000"
+    proc = run_train(tmp_path, "--run_name=tiny-tuned", f"--init_from={ref}", "--max_steps=0", env=hub.env)
+    assert f"forked from {ref} (weights alone, model.safetensors sha256 " in proc.stdout
+    assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("tiny-tuned/parent/**/*.pt"))
+    ids = torch.randint(0, 50304, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_pretrained(tmp_path / "tiny-tuned" / "checkpoints" / "step_0")(ids)[0]
+    reference = reference_pico_train_logits(sd, cfg, ids)
+    assert (ours - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
+    # a step the branch does not have, and no Hub at all: one line each
+    proc = run_train(tmp_path, "--run_name=nostep", f"--init_from={REPO}@src:7", env=hub.env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and \
+        f"init_from '{REPO}@src:7': {REPO}@src has no step 7" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    proc = run_train(tmp_path, "--run_name=offline", f"--init_from={REPO}@src:0", check=False)
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in proc.stderr.strip().splitlines()[-1], proc.stderr
