@@ -469,8 +469,7 @@ def heard_from_rank0(verdict):
     return verdict[0]
 
 
-def read(folder, groups, config, must_match, model_config=None, fix="use another run_name, or auto_resume=False "
-         "to start over"):
+def read(folder, groups, config, must_match, model_config=None, fix=None):
     """A checkpoint folder's training state (None for a folder of weights alone: a fork's parent),
     weights ({name: tensor}) and how its settings differ from `config` where they may
     (compare_configs()), read without running any code and checked, field by field, before any of it
@@ -485,7 +484,8 @@ def read(folder, groups, config, must_match, model_config=None, fix="use another
         check_training_state(state, state_file, folder_step(folder))
         bad, harmless = compare_configs(state["config"], config, must_match)
         if bad:
-            raise CheckpointError(f"{folder}: these settings differ from the saved run: {bad}; {fix}")
+            raise CheckpointError(f"{folder}: these settings differ from the saved run: {bad}; "
+                                  f"{fix or 'use another run_name, or auto_resume=False to start over'}")
         check_optimizer_state(state["optimizer"], groups, state_file, state["step"])
     try:
         model = load_pretrained(folder)

@@ -36,7 +36,7 @@ runs_dir = "runs"
 save_every_n_steps = 1000
 save_log_spaced_until = 0  # also save at steps 1, 2, 4, 8, ... up to this one (early learning moves fastest); 0: no
 auto_resume = True  # continue from runs/<run_name>/checkpoints/latest if it exists
-init_from = "scratch"  # or a checkpoint folder a new run starts from (a fork): docs/checkpoints.md#forks
+init_from = "scratch"  # or where a new run starts: a checkpoint folder, REPO@BRANCH:STEP: docs/checkpoints.md#forks
 stop_at_step = None  # end this session at this step with a checkpoint (job time limits); run again to go on
 # checkpointing: the Hugging Face Hub (hub.py)
 save_to_hf = False
@@ -286,7 +286,8 @@ def resume():
         if not (folder or parent):
             return None, None
         state, weights, harmless = checkpoint.read(folder or parent[0], (decay, no_decay), run_state,
-                                                   MODEL_SETTINGS if parent else MUST_MATCH, model_config)
+                                                   MODEL_SETTINGS if parent else MUST_MATCH, model_config,
+                                                   parent and "a fork keeps its parent's shape: set them as there")
     except checkpoint.CheckpointError as e:
         raise report.refuse(f"cannot {'start from init_from' if init_from != 'scratch' else 'resume'}: {e}") from None
     run_state["lineage"] = (state["config"].get("lineage", []) if state else []) + ([parent[1]] if parent else [])

@@ -253,6 +253,8 @@ def test_weights_alone_start_a_run_at_step_0_and_bad_parents_are_one_line(tmp_pa
     assert "holds a model of another shape than these settings say: d_model 32 there, 64 here" in \
         refused(theirs, "--d_model=64")
     assert "is not a checkpoint folder" in refused(tmp_path / "nowhere")
+    line = refused(base_run / "checkpoints" / "step_2", "--d_model=64")
+    assert "d_model (saved 32, now 64); a fork keeps its parent's shape: set them as there" in line, line
     copy = tmp_path / "damaged"
     shutil.copytree(base_run / "checkpoints" / "step_2", copy)
     raw = bytearray((copy / "model.safetensors").read_bytes())
