@@ -158,11 +158,12 @@ class TrainStream:
 
     def skip(self, n):
         """Move the position n sequences on, as reading them would, without reading a row: each
-        shard's length is its metadata (and the row length, known after one row)."""
+        shard's length is its metadata (a Hub file's footer alone; the row length is a checkpoint's,
+        or one row's)."""
         total = None
         while n > 0:
             shard = self.shards[self.shard]
-            left = shard.num_rows * self._seqs_per_row(shard) - self.seq
+            left = shard.count_rows() * self._seqs_per_row(shard) - self.seq
             if n <= left:
                 self.seq += n
                 return
@@ -171,7 +172,7 @@ class TrainStream:
             if self.shard == len(self.shards):  # a whole epoch at a time from here
                 self.shard, self.epoch = 0, self.epoch + 1
                 if total is None:
-                    total = sum(s.num_rows for s in self.shards) * self._windows
+                    total = sum(s.count_rows() for s in self.shards) * self._windows
                     if total == 0:
                         raise DataError(f"{self.name}: the dataset has no rows")
                 self.epoch, n = self.epoch + n // total, n % total
@@ -410,6 +411,10 @@ class ParquetShard:
     def num_rows(self):
         return int(self._open().metadata.num_rows)
 
+    def count_rows(self):
+        """num_rows, without downloading a Hub file that is not here yet (its footer alone)."""
+        return self.hub.row_count(self.index) if self.hub and self._file is None else self.num_rows
+
     def check_size(self, g, row_len=None):
         """Refuse row group g, from the file's metadata alone, if it holds more tokens than its rows
         can: more than MAX_ROW_TOKENS a row, or (row_len known) more than row_len a row. A few KB of
@@ -496,6 +501,31 @@ class HubShards:
             self.local[i] = (path, os.path.getsize(path))
         return path
 
+    def row_count(self, i):
+        """File i's number of rows from its parquet footer alone: two ranged reads (the file's last 8
+        bytes, then the footer) unless the file is here already, so that moving a position over
+        files (TrainStream.skip) downloads none of them."""
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+        with self.lock:
+            here = self.local.get(i)
+        if here:
+            return pq.read_metadata(here[0]).num_rows
+        url = hf_hub_url(self.repo_id, self.files[i], repo_type="dataset", revision=self.revision)
+
+        def tail(n):  # the file's last n bytes
+            r = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes=-{n}"}, follow_redirects=True)
+            r.raise_for_status()
+            return r.content[-n:]
+        end = _retry(lambda: tail(8), f"reading the footer of {self.name(i)}")
+        if end[4:] != b"PAR1":
+            raise DataError(f"{self.name(i)}: not a parquet file (it does not end in PAR1)")
+        footer = _retry(lambda: tail(int.from_bytes(end[:4], "little") + 8), f"reading the footer of {self.name(i)}")
+        try:
+            return pq.read_metadata(pa.BufferReader(b"PAR1" + footer)).num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.name(i)}: a damaged parquet footer ({_brief(e)})") from None
+
     def path(self, i):
         """File i for reading now: waits for its background download if one is under way."""
         t0 = time.perf_counter()
@@ -555,6 +585,9 @@ class TableShard:
 
     @property
     def num_rows(self):
+        return self.table.num_rows
+
+    def count_rows(self):
         return self.table.num_rows
 
     def close(self):

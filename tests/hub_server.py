@@ -298,7 +298,10 @@ class Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
             start, _, end = rng[6:].partition("-")
-            start, end = int(start), int(end) if end else len(data) - 1
+            if not start:  # the last `end` bytes
+                start, end = max(0, len(data) - int(end)), len(data) - 1
+            else:
+                start, end = int(start), int(end) if end else len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             return self.reply(206, data[start:end + 1], headers, "application/octet-stream")
         self.reply(200, data, headers, "application/octet-stream")

@@ -296,6 +296,13 @@ server.stop()  # an outage: the download must be retried, then go on
 threading.Timer(1.5, server.start).start()
 out["resumed"] = [ids(resumed.next_batch()) for _ in range(2)]
 out["fetched"] = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
+skipper = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache3"))
+skipper.load_state_dict({**out["state"], "shard": 0, "shard_name": "train-0.parquet", "seq": 0})
+sent = server.state.bytes_sent
+skipper.skip(20)  # to where 5 batches of 4 took the first stream, counting rows by the files' footers
+out["skipped"], out["skip_bytes"] = skipper.state_dict(), server.state.bytes_sent - sent
+cached = os.path.join(SRC, "cache3", "datasets--tester--tokens")
+out["skip_fetched"] = [f for _, _, files in os.walk(cached) for f in files]
 try:
     data.TrainStream("tester/nothing", 8, 1000, 4, 2)
 except data.DataError as e:
@@ -327,6 +334,8 @@ def test_streams_a_hub_dataset_and_resumes_by_seeking(tmp_path):
     assert "downloading datasets/tester/tokens/data/train-2.parquet failed" in proc.stderr  # the outage was met
     assert out["partial"] == ["new.0123abcd.incomplete"]
     assert out["missing"].startswith("tester/nothing: no such dataset on the Hugging Face Hub (http://127.0.0.1:")
+    # skip() moves over files by their footers: the same position, and no file downloaded
+    assert out["skipped"] == out["state"] and out["skip_fetched"] == [] and out["skip_bytes"] > 0
 
 
 @pytest.mark.slow
