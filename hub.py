@@ -474,7 +474,8 @@ def fetch_step(ref, dest):
     reachable()
     steps = list_steps(repo_id, branch)
     os.makedirs(dest, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+    tmp, folder = tempfile.mkdtemp(dir=dest), os.path.join(dest, f"step_{step}")
+    try:
         download(repo_id, branch, step, "model", tmp, steps)
         state = steps.get(step, {}).get(WHAT["state"][0])
         if state and "training_state/manifest.json" in HfApi().list_repo_files(repo_id, revision=state):
@@ -482,12 +483,13 @@ def fetch_step(ref, dest):
             for name in os.listdir(os.path.join(tmp, "training_state")):
                 os.replace(os.path.join(tmp, "training_state", name), os.path.join(tmp, name))
             os.rmdir(os.path.join(tmp, "training_state"))
-        folder = os.path.join(dest, f"step_{step}")
+        shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)  # huggingface_hub's own bookkeeping
         if os.path.lexists(folder):  # fetched before (a fork that stopped before its first checkpoint)
             shutil.rmtree(folder)
-        shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)  # huggingface_hub's own bookkeeping
         os.rename(tmp, folder)
-        os.makedirs(tmp)  # (TemporaryDirectory removes it)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
 
 
