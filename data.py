@@ -9,10 +9,13 @@ one token), so the same rows feed every sequence length that divides 2048.
 
 The training stream is one global order of sequences that does not depend on the number of ranks:
 optimizer step s trains on sequences [s * B, (s + 1) * B) (B = batch_size) and rank r takes the
-r-th contiguous slice of that global batch. Every rank reads the global batch (a few MB) and keeps
-its slice, so the whole run sees the same data on 1 or 64 GPUs, and the position to resume from is
-just (epoch, shard, sequence within shard): resuming opens that shard and seeks to the row group
-that holds the sequence, reading nothing before it.
+r-th contiguous slice of that global batch, reading only the rows that hold it (the others' are
+counted, not read), so the whole run sees the same data on 1 or 64 GPUs, and the position to resume
+from is just (epoch, shard, sequence within shard): resuming opens that shard and seeks to the row
+group that holds the sequence, reading nothing before it. A background thread reads and checks the
+next step's share while the current step computes (into pinned memory when the rows go to a GPU);
+the position counts only the batches handed to training, so a checkpoint never counts the one
+prepared ahead.
 
 Hub datasets are read from whole files downloaded once per node into a cache folder (HubShards:
 the next file comes in the background, passed ones are removed to stay within a disk budget), so
@@ -78,17 +81,18 @@ class TrainStream:
     """The global sequence order of a training set, cut into per-rank sub-batches.
 
     next_batch() returns this rank's sub-batches for one optimizer step: a list of
-    gradient_accumulation_steps (x, y) pairs, each (sub_batch, seq_len) int64 on `device`.
-    state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
+    gradient_accumulation_steps (x, y) pairs, each (sub_batch, seq_len) int64 on `device`; with
+    prefetch, the next step's are read meanwhile (problem() waits for them and says whether they
+    are good). state_dict() is a small JSON-able dict; load_state_dict() resumes exactly there."""
 
     def __init__(self, name, seq_len, vocab_size, batch_size, sub_batch, rank=0, world_size=1,
-                 split="train", device="cpu", cache_dir=None, cache_budget_gb=None, fetcher=True):
+                 split="train", device="cpu", cache_dir=None, cache_budget_gb=None, fetcher=True, prefetch=True):
         if batch_size % (sub_batch * world_size):
             raise ValueError(f"batch_size {batch_size} is not divisible by sub_batch {sub_batch} x "
                              f"world_size {world_size}")
         self.name, self.seq_len, self.vocab_size = name, seq_len, vocab_size
         self.batch_size, self.sub_batch, self.rank, self.world_size = batch_size, sub_batch, rank, world_size
-        self.device = device
+        self.device, self.prefetch = device, prefetch
         self.shards = open_shards(name, split, cache_dir=cache_dir)
         # a Hub dataset: its files come into the node's cache; the fetcher (one rank per node) fetches the
         # next one in the background and removes passed ones while they take more than the budget
@@ -96,6 +100,8 @@ class TrainStream:
         self.fetcher, self.budget = fetcher, None if cache_budget_gb is None else cache_budget_gb * 2**30
         if self.hub and fetcher:
             self.hub.sweep()
+        if self.hub:
+            self.hub.refuse_shared_cache(rank, fetcher)
         # open local shards now (a footer each, closed again: 10,000 open files would pass the limit),
         # so an empty or broken file stops the run before any work; a Hub dataset (10,000 shards)
         # downloads each file as the run reaches it
@@ -109,6 +115,7 @@ class TrainStream:
         self.epoch, self.shard, self.seq = 0, 0, 0  # position of the next sequence
         self._row_len = self._windows = None  # learnt from the first row read (or a saved state)
         self._saved_row_len = False  # the row length came from a checkpoint, and no row has been read yet
+        self._ahead = None  # (position, Background) of this rank's share of the next batch, read ahead
 
     def _seqs_per_row(self, shard):
         if self._windows is None:  # all shards of a dataset share one row length
@@ -118,48 +125,54 @@ class TrainStream:
             self._row_len = row_len
         return self._windows
 
-    def _read(self, n):
-        """The next n sequences of the global order (advancing the position), as (n, T + 1)."""
-        out, empty = [], 0
-        while n > 0:
+    def _read(self, n, lo=0, hi=None):
+        """Sequences [lo, hi) of the n from the position on, as (hi - lo, T + 1), and the position after
+        the n; the position itself does not move (a read ahead runs in a thread while others look at it).
+        Only the rows that hold the wanted sequences are read (the others are counted from metadata)."""
+        out, empty, done, hi = [], 0, 0, n if hi is None else hi
+        epoch, i, seq = self._position()
+        while done < n:
             if empty > len(self.shards):
                 raise DataError(f"{self.name}: the dataset has no rows")
-            shard = self.shards[self.shard]
+            shard = self.shards[i]
             k = self._seqs_per_row(shard)
             total = shard.num_rows * k
-            if self.seq > total:  # only a saved position can be
-                raise self._not_resumable(f"its data position, sequence {self.seq:,} of {shard.name}, is past "
+            if seq > total:  # only a saved position can be
+                raise self._not_resumable(f"its data position, sequence {seq:,} of {shard.name}, is past "
                                           f"its end ({total:,} sequences)")
-            if self.seq == total:  # end of shard -> next shard, next epoch after the last one
+            if seq == total:  # end of shard -> next shard, next epoch after the last one
                 shard.close()
-                self.shard, self.seq, empty = self.shard + 1, 0, empty + (total == 0)
-                if self.shard == len(self.shards):
-                    self.shard, self.epoch = 0, self.epoch + 1
-                    log.info("%s: end of data, starting epoch %d", self.name, self.epoch)
+                i, seq, empty = i + 1, 0, empty + (total == 0)
+                if i == len(self.shards):
+                    i, epoch = 0, epoch + 1
+                    log.info("%s: end of data, starting epoch %d", self.name, epoch)
                 continue
-            if self.hub and self.fetcher and self.shard + 1 < len(self.shards):
+            if self.hub and self.fetcher and i + 1 < len(self.shards):
                 # the next file downloads while this one trains (not past the end: a run of one pass,
                 # as the published configs are, would fetch the first file again for nothing)
-                self.hub.prefetch(self.shard + 1)
-            take = min(n, total - self.seq)
-            row0, row1 = self.seq // k, (self.seq + take - 1) // k + 1
-            table = shard.read(row0, row1, row_len=None if self._saved_row_len else self._row_len)
-            if self._saved_row_len:  # a checkpoint's row length, held against the first row read
-                self._saved_row_len = False
-                found = int(list_lengths(table.column("input_ids").combine_chunks())[0])
-                if found != self._row_len:
-                    raise self._not_resumable(f"its data position counts rows of {self._row_len} tokens, but "
-                                              f"{shard.name} has rows of {found}")
-            ids = rows_to_array(table, shard.name, row0, self.vocab_size, self._row_len)
-            seqs = to_windows(ids, self.seq_len) if k > 1 else ids
-            out.append(seqs[self.seq - row0 * k:self.seq - row0 * k + take])
-            self.seq, n = self.seq + take, n - take
-        return np.concatenate(out) if len(out) > 1 else out[0]
+                self.hub.prefetch(i + 1)
+            take = min(n - done, total - seq)
+            a, b = seq + max(lo - done, 0), seq + min(hi - done, take)  # the wanted ones in this shard
+            if a < b:
+                row0, row1 = a // k, (b - 1) // k + 1
+                table = shard.read(row0, row1, row_len=None if self._saved_row_len else self._row_len)
+                if self._saved_row_len:  # a checkpoint's row length, held against the first row read
+                    self._saved_row_len = False
+                    found = int(list_lengths(table.column("input_ids").combine_chunks())[0])
+                    if found != self._row_len:
+                        raise self._not_resumable(f"its data position counts rows of {self._row_len} tokens, "
+                                                  f"but {shard.name} has rows of {found}")
+                ids = rows_to_array(table, shard.name, row0, self.vocab_size, self._row_len)
+                seqs = to_windows(ids, self.seq_len) if k > 1 else ids
+                out.append(seqs[a - row0 * k:b - row0 * k])
+            seq, done = seq + take, done + take
+        return (np.concatenate(out) if len(out) > 1 else out[0]), (epoch, i, seq)
 
     def skip(self, n):
         """Move the position n sequences on, as reading them would, without reading a row: each
         shard's length is its metadata (a Hub file's footer alone; the row length is a checkpoint's,
         or one row's)."""
+        self._settle()
         total = None
         while n > 0:
             shard = self.shards[self.shard]
@@ -179,33 +192,70 @@ class TrainStream:
 
     def peek_global_batch(self):
         """The whole next global batch (batch_size, T + 1), without moving the position."""
-        state = self.state_dict()
-        try:
-            return self._read(self.batch_size)
-        finally:
-            self.load_state_dict(state)
+        self._settle()
+        return self._read(self.batch_size)[0]
 
-    def next_batch(self):
+    def _position(self):
+        return self.epoch, self.shard, self.seq
+
+    def _my_share(self):
+        """This rank's rows of the next global batch, as a tensor (pinned if they go to a GPU), and the
+        position after the batch; the position itself stays where it is."""
+        per_rank = self.batch_size // self.world_size
+        mine, after = self._read(self.batch_size, self.rank * per_rank, (self.rank + 1) * per_rank)
+        mine = torch.from_numpy(mine)
+        return (mine.pin_memory() if str(self.device).startswith("cuda") else mine), after
+
+    def _settle(self):
+        """Let a read ahead finish (its result is kept): the shards' files are read by one thread at a time."""
+        if self._ahead:
+            self._ahead[1].wait()
+
+    def problem(self):
+        """Waits for the next batch read ahead; returns why it cannot be trained on (a DataError's
+        message), or None. Each rank reads its own rows, so each can fail alone: train.py shares this."""
+        if not self.prefetch:
+            return None
+        if not self._ahead or self._ahead[0] != self._position():
+            self._settle()
+            self._ahead = (self._position(), Background(self._my_share))
+        self._ahead[1].wait()
+        error = self._ahead[1].error
+        return str(error) if isinstance(error, DataError) else None
+
+    def next_batch(self, read_ahead=True):
+        """This rank's sub-batches of the next step; read_ahead (with prefetch): start reading the
+        step after's (False at the last step: past the data's end it would fetch the first file again)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead and ahead[0] == self._position():
+            mine, after = ahead[1].result()  # (the read ahead's DataError, if it failed)
+        else:
+            if ahead:
+                ahead[1].wait()
+            mine, after = self._my_share()
         first = self.shard
-        seqs = self._read(self.batch_size)  # every rank reads (and checks) the global batch
+        self.epoch, self.shard, self.seq = after
         if self.hub and self.fetcher and self.budget is not None:
-            # every rank has read the previous batch (its gradients were reduced), so none reads
+            # every rank has trained on the previous batch (its gradients were reduced), so none reads
             # before `first` any more
             self.hub.evict(first, self.shard, self.budget)
-        per_rank = self.batch_size // self.world_size
-        mine = torch.from_numpy(seqs[self.rank * per_rank:(self.rank + 1) * per_rank])
+        if self.prefetch and read_ahead:  # the next batch is read while this one trains
+            self._ahead = (after, Background(self._my_share))
         subs = []
         for chunk in mine.split(self.sub_batch):
-            chunk = chunk.to(self.device, non_blocking=True)
+            chunk = chunk.to(self.device, non_blocking=True)  # from pinned memory: overlaps the GPU's work
             subs.append((chunk[:, :-1], chunk[:, 1:]))
         return subs
 
     def state_dict(self):
+        """The position after the batches handed to training (not the one read ahead)."""
+        self._settle()
         return {"dataset": self.name, "epoch": self.epoch, "shard": self.shard,
                 "shard_name": os.path.basename(self.shards[self.shard].name), "seq": self.seq,
                 "row_len": self._row_len}
 
     def load_state_dict(self, state):
+        self._settle()
         shard = state["shard"]
         if not 0 <= shard < len(self.shards) or os.path.basename(self.shards[shard].name) != state["shard_name"]:
             raise DataError(f"cannot resume {self.name}: the saved position is in shard "
@@ -223,6 +273,31 @@ class TrainStream:
     def _not_resumable(self, what):
         return DataError(f"cannot resume {self.name} from the checkpoint: {what}; the data changed since that "
                          f"checkpoint, or the checkpoint is damaged")
+
+
+class Background:
+    """fn() in a daemon thread (one that never holds up the process's exit); result() waits for it
+    and returns its value or raises its exception."""
+
+    def __init__(self, fn):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="pico-data", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            self.error = e
+
+    def wait(self):
+        self.thread.join()
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def global_batch(run_dir, step):
@@ -473,16 +548,50 @@ class HubShards:
     def sweep(self, older_than_s=600):
         """Remove partial downloads left by killed processes (huggingface_hub removes its own on an
         error, not on a kill); one still growing is another process's download and stays."""
-        from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
-        folder = os.path.join(self.cache_dir or constants.HF_HUB_CACHE,
-                              repo_folder_name(repo_id=self.repo_id, repo_type="dataset"), "blobs")
+        folder = os.path.join(self.folder(), repo_folder_name(repo_id=self.repo_id, repo_type="dataset"), "blobs")
         for f in glob.glob(os.path.join(folder, "*.incomplete")):
             try:
                 if time.time() - os.path.getmtime(f) > older_than_s:
                     os.remove(f)
             except FileNotFoundError:
                 pass
+
+    def folder(self):
+        from huggingface_hub import constants
+        return self.cache_dir or constants.HF_HUB_CACHE
+
+    def refuse_shared_cache(self, rank, fetcher):
+        """On several nodes, refuse a cache folder that two nodes share (a home folder's Hugging Face
+        cache, often): each node's fetcher would download the same files and remove them under the
+        other's readers. Each fetcher leaves a mark named for this run and its node; after a barrier,
+        a fetcher that sees another node's mark says so, and every rank learns of it. Collective."""
+        import torch.distributed as dist
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+        if not (dist.is_available() and dist.is_initialized()) or local_world in (0, dist.get_world_size()):
+            return  # one node (or not launched by torchrun)
+        nonce = [os.urandom(8).hex()]
+        dist.broadcast_object_list(nonce, src=0)  # the same name for this run on every node
+        mark, found = os.path.join(self.folder(), f".pico-node-{nonce[0]}-{rank // local_world}"), (0, None)
+        if fetcher:
+            try:
+                os.makedirs(self.folder(), exist_ok=True)
+                open(mark, "w").close()
+            except OSError as e:  # every rank must still meet the others below
+                found = (0, f"cannot write there ({e.strerror}); point data_cache_dir at a writable folder")
+        dist.barrier()
+        if fetcher and not found[1]:
+            found = (len(glob.glob(os.path.join(self.folder(), f".pico-node-{nonce[0]}-*"))), None)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, found)  # (objects: any backend); every node has looked after it
+        if fetcher and not found[1]:
+            os.remove(mark)
+        if problem := next((why for _, why in everyone if why), None):
+            raise DataError(f"data_cache_dir {self.folder()}: {problem}")
+        if max(n for n, _ in everyone) > 1:
+            raise DataError(f"data_cache_dir {self.folder()} is shared by {max(n for n, _ in everyone)} nodes: each "
+                            f"node's fetcher would download the same files and remove them while the other's ranks "
+                            f"read them; set data_cache_dir to a folder on each node's own disk (e.g. /tmp/pico-data)")
 
     def fetch(self, i):
         """The local path of file i, downloaded first if this node does not have it yet."""

@@ -452,6 +452,7 @@ def save_checkpoint(step, evaluating=False):
 get_lr = functools.partial(schedules.SCHEDULES[lr_scheduler], lr=lr, warmup_steps=lr_warmup_steps,
                            max_steps=max_steps, min_lr_ratio=min_lr_ratio, lr_decay_fraction=lr_decay_fraction)
 calendar = schedules.Calendar(max_steps, save_every_n_steps, save_log_spaced_until, eval_every_n_steps)
+last_step = max_steps if stop_at_step is None else min(stop_at_step, max_steps)  # this session's
 
 
 def checkpoint_if_due(step, stopping):
@@ -465,12 +466,25 @@ def checkpoint_if_due(step, stopping):
     return evaluating or calendar.saves(step)
 
 
+data_trouble = []  # (rank, why) of a batch a rank cannot train on: each rank reads only its own rows
+
+
+def share_data_problem(problem, bad_ranks):
+    """Every rank learns which rank's next batch is bad, and why (the messages travel only then)."""
+    if bad_ranks > 0:
+        why = [problem] * world_size
+        if is_dist:
+            dist.all_gather_object(why, problem)
+        data_trouble.append(next((r, w) for r, w in enumerate(why) if w))
+
+
 def next_batch(step):
-    """This rank's micro-batches [(x, y), ...] for the optimizer step after `step`."""
-    try:
-        return train_data.next_batch()
-    except data.DataError as e:
-        raise report.refuse(f"data error in the batch of step {step + 1}: {e}") from None
+    """This rank's micro-batches [(x, y), ...] for the optimizer step after `step` (read while the
+    step before computed, and checked there: check_step); the next step's are read meanwhile."""
+    if data_trouble:  # every rank stops here together
+        raise report.refuse(f"data error in the batch of step {step + 1}" + (
+            f" (rank {data_trouble[0][0]}'s rows)" if is_dist else "") + f": {data_trouble[0][1]}")
+    return train_data.next_batch(read_ahead=step + 1 < last_step)
 
 
 def reduce_gradients_now(last_micro_step):
@@ -497,14 +511,17 @@ def check_step(step, loss_sum):
     """The one host sync of an optimizer step, before it is applied: the global mean loss, the
     gradient norm (clipped here; DeepSpeed clips inside its step) and whether any rank has been
     signalled to stop. A loss or norm that is not finite fails the run, so a diverged step never
-    reaches the weights or a checkpoint. Returns (loss, norm, stop)."""
+    reaches the weights or a checkpoint; so does a bad next batch on any rank. Returns (loss, norm, stop)."""
     grad_norm = torch.zeros((), device=device)
     if not use_deepspeed:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    shared = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(bool(signalled)), device=device)])
+    problem = train_data.problem() if step + 1 < last_step else None  # waits for the next batch's read
+    flags = torch.tensor([float(bool(signalled)), float(problem is not None)], device=device)
+    shared = torch.cat([(loss_sum / gradient_accumulation_steps).view(1), flags])
     if is_dist:
         dist.all_reduce(shared)  # a sum (gloo has no mean): divided by the ranks below
-    step_loss, signal_share, norm = torch.cat([shared / world_size, grad_norm.float().view(1)]).tolist()
+    step_loss, signal_share, bad_ranks, norm = torch.cat([shared / world_size, grad_norm.float().view(1)]).tolist()
+    share_data_problem(problem, bad_ranks)
     if not (math.isfinite(step_loss) and math.isfinite(norm)):
         report.fail(f"step {step + 1}: loss {step_loss}, gradient norm {norm}: not finite, so the step was not applied")
     return step_loss, norm, signal_share > 0
@@ -544,6 +561,11 @@ for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, on_signal)
 
 step = start_step
+problem = train_data.problem() if step < last_step else None  # the first batch, read during the start-up
+bad_ranks = torch.tensor(float(problem is not None), device=device)
+if is_dist:
+    dist.all_reduce(bad_ranks)
+share_data_problem(problem, bad_ranks.item())
 report.start_clock(step, max_steps, tokens_per_step, calendar.pauses_from,
                    flops_per_token / (peak_flops * world_size) if peak_flops else None)  # (MFU where the peak is known)
 stop_asked = False  # by a signal on any rank, known to every rank after the step's check

@@ -45,19 +45,26 @@ def row_ids(subs):
     return [int(x[i, 0]) for x, _ in subs for i in range(len(x))]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_ranks_split_each_global_batch_disjointly_and_completely(tmp_path, world):
+@pytest.mark.parametrize("world,prefetch", [(1, True), (2, True), (3, True), (4, True), (4, False)])
+def test_ranks_split_each_global_batch_disjointly_and_completely(tmp_path, monkeypatch, world, prefetch):
+    """The same sequences in the same order on 1, 2, 3 and 4 ranks, each rank reading (and checking)
+    only its own rows, with the next batch read ahead or not."""
     order = write_synthetic(tmp_path)  # 29 rows in 3 files: not divisible by 2
-    batch, steps = 6, 9  # 54 sequences: wraps into a second epoch
+    batch, steps = 12, 9  # 108 sequences: wraps into a fourth epoch
+    checked = []  # the rows each read turned into token arrays (and checked)
+    real = data.rows_to_array
+    monkeypatch.setattr(data, "rows_to_array", lambda table, *a, **k: checked.append(table.num_rows) or real(
+        table, *a, **k))
     streams = [TrainStream(str(tmp_path), 8, V, batch, batch // world // (2 if world < 3 else 1),
-                           rank=r, world_size=world) for r in range(world)]
+                           rank=r, world_size=world, prefetch=prefetch) for r in range(world)]
     seen = []
-    for _ in range(steps):
-        per_rank = [row_ids(s.next_batch()) for s in streams]
+    for step in range(steps):
+        per_rank = [row_ids(s.next_batch(read_ahead=step + 1 < steps)) for s in streams]
         step_rows = [i for rows in per_rank for i in rows]
         assert len(set(step_rows)) == batch  # disjoint within a step
         seen += step_rows
-    assert seen == (order * 2)[:batch * steps]  # the same global order for every world size
+    assert seen == (order * 4)[:batch * steps]  # the same global order for every world size
+    assert sum(checked) == batch * steps  # no rank read another's rows (one row: one sequence of 8)
     assert len({json.dumps(s.state_dict()) for s in streams}) == 1
 
 
@@ -84,8 +91,9 @@ def test_resume_yields_identical_batches_without_rereading(tmp_path, monkeypatch
     straight = TrainStream(str(tmp_path), 8, V, 4, 2)
     for _ in range(5):  # 20 sequences: into the middle of the second file, mid row group
         straight.next_batch()
+    assert straight._ahead  # the sixth batch is read already: the position does not count it
     state = json.loads(json.dumps(straight.state_dict()))
-    expected = [row_ids(straight.next_batch()) for _ in range(6)]
+    expected = [row_ids(straight.next_batch(read_ahead=i < 5)) for i in range(6)]  # (none left reading below)
 
     reads = []
     original = pq.ParquetFile.read_row_group
@@ -293,8 +301,8 @@ out["partial"] = sorted(f for f in os.listdir(blobs) if f.endswith(".incomplete"
 resumed.load_state_dict(out["state"])
 server.state.requests.clear()
 server.stop()  # an outage: the download must be retried, then go on
-threading.Timer(1.5, server.start).start()
-out["resumed"] = [ids(resumed.next_batch()) for _ in range(2)]
+threading.Timer(3.0, server.start).start()  # (longer than the client's own retries, sleeping 0.2 s each)
+out["resumed"] = [ids(resumed.next_batch(read_ahead=i == 0)) for i in range(2)]  # (the last: as train.py's)
 out["fetched"] = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
 skipper = data.TrainStream("tester/tokens", 8, 1000, 4, 2, cache_dir=os.path.join(SRC, "cache3"))
 skipper.load_state_dict({**out["state"], "shard": 0, "shard_name": "train-0.parquet", "seq": 0})

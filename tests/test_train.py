@@ -86,16 +86,18 @@ def test_four_processes_with_the_demo_batch_arithmetic_resume_on_two(tmp_path, r
     assert max_diff(weights(ref, "ref", 4), weights(tmp_path, "four", 4)) <= 1e-5
 
 
-def two_nodes(runs_dirs, *args, timeout=120):
+def two_nodes(runs_dirs, *args, timeout=120, caches=None, env=None):
     """Two torchrun "nodes" of one process each on this machine, meeting through torchrun's c10d
-    rendezvous on 127.0.0.1 as nodes of a cluster do; node i writes to runs_dirs[i]."""
+    rendezvous on 127.0.0.1 as nodes of a cluster do; node i writes to runs_dirs[i] (and caches a Hub
+    dataset in caches[i])."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1",
          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py", *TINY, f"--runs_dir={runs_dirs[i]}",
-         *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         *args, *([f"--data_cache_dir={caches[i]}"] if caches else [])], cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for i in range(2)]
     return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=timeout)]]
 
@@ -117,6 +119,29 @@ def test_two_nodes_need_one_shared_runs_dir_and_then_train_as_one_process(tmp_pa
     final = weights(tmp_path, "shared", 12)
     assert max_diff(weights(reference_run(*args, nproc=2), "ref", 12), final) == 0.0
     assert max_diff(weights(reference_run(*args), "ref", 12), final) <= 1e-5
+
+
+def test_two_nodes_refuse_a_shared_data_cache_and_train_with_their_own(tmp_path, reference_run):
+    """Each node's first rank downloads a Hub dataset's files into data_cache_dir and removes those
+    passed: two nodes sharing the folder would fetch and remove the same files. Sharing one: both stop
+    at start with one line naming it. Each its own: they train as one process does."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from hub_server import HubServer
+    server = HubServer().start()
+    hub_copy_of_the_demo(server)
+    args = ("--dataset_name=tester/demo", "--eval_dataset_name=data/demo", "--eval_dataset_split=validation",
+            "--gradient_accumulation_steps=1", "--data_cache_gb=0")
+    env = {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf")}
+    shared = tmp_path / "cache"
+    for code, out, err in two_nodes([tmp_path, tmp_path], "--run_name=shared", *args, caches=[shared, shared], env=env):
+        assert code != 0, out[-2000:]
+        assert f"data error: data_cache_dir {shared} is shared by 2 nodes: " in err, err[-3000:]
+    assert not [f for f in os.listdir(shared) if f.startswith(".pico-node")]  # the marks are gone
+    for code, out, err in two_nodes([tmp_path, tmp_path], "--run_name=own", *args, env=env,
+                                    caches=[tmp_path / "cache0", tmp_path / "cache1"]):
+        assert code == 0, out[-2000:] + err[-3000:]
+    server.stop()
+    assert max_diff(weights(reference_run(), "ref", 4), weights(tmp_path, "own", 4)) <= 1e-5
 
 
 @pytest.mark.parametrize("config", sorted(os.path.basename(c) for c in glob.glob(os.path.join(ROOT, "config", "*.py"))))

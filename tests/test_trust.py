@@ -201,6 +201,30 @@ def test_a_bad_row_mid_run_names_the_step(tmp_path):
     assert (run / "step_4" / "learning_dynamics" / "val_activations.pt").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bad_step", [1, 2])
+def test_a_bad_row_that_only_one_rank_reads_stops_every_rank(tmp_path, bad_step):
+    """Each rank reads only its own rows of a batch: a bad row in rank 1's half is found by rank 1 alone
+    (while the step before computes, or at the start for the first batch), and every rank stops at that
+    step, rank 0's log naming rank 1 and the row, instead of waiting for rank 1 at the next collective."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    good = pq.read_table(os.path.join(ROOT, "data", "demo", "train.parquet")).select(["input_ids"])
+    bad = [[7] * 100 + [50304] + [7] * 1948]
+    # 2049-token rows cut into 32 sequences of 64; a batch of 64 is two rows: rank 0's, then rank 1's
+    pq.write_table(good.slice(0, 2 if bad_step > 1 else 1), folder / "train-00000.parquet")
+    write_ids(folder / "train-00001.parquet", [good.column("input_ids")[2].as_py()] * (bad_step > 1) + bad)
+    proc = run_train(tmp_path, "--run_name=shares", f"--dataset_name={folder}", "--batch_size=64",
+                     "--max_steps=3", "--save_every_n_steps=10", "--eval_dataset_name=data/demo",
+                     "--eval_dataset_split=validation", "--dist_timeout_min=2", nproc=2, check=False, timeout=240)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = open(tmp_path / "shares" / "logs" / "train.log").read().splitlines()
+    assert lines[-1].endswith(f"data error in the batch of step {bad_step} (rank 1's rows): {folder}/train-00001"
+                              f".parquet row {bad_step - 1}: token id 50304 outside [0, 50304)"), lines[-1]
+    assert (f"step {bad_step - 1}/3" in proc.stdout) == (bad_step > 1)
+    assert "Timeout" not in proc.stderr and "timed out" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # a training state checked field by field before torch or numpy touch it (issue 28)
 
