@@ -1,7 +1,7 @@
 """
 How fast is pico-train? One script, one table.
 
-    python bench.py            # CPU: about 2-3 minutes, prints the table of docs/performance.md#the-table
+    python bench.py            # CPU: about 4 minutes, prints the table of docs/performance.md#the-table
     python bench.py --gpu      # one CUDA GPU: pico-decoder small and medium, bf16, seq 2048, MFU
     python bench.py --gpu --smoke   # the GPU table's code at toy size on any device (a test)
 
@@ -15,6 +15,11 @@ Rows (CPU default):
                training step consumes
   hub data     4 ranks reading those files from the local Hub server: bytes sent vs bytes read, and
                the wait for data over a slow link
+  data wait    the loop's wait for its batch at pico-decoder-tiny's published shape as rank 15 of 16,
+               reading the global batch (before) vs its own share read ahead during a step as long as
+               tiny's on 16 H100s; and the tokens/s a GPU needs
+  backend bytes  what DDP and ZeRO-2 send per optimizer step (train.py on 2 CPU processes, the demo,
+               8 micro-steps: the published accumulation), and so per GPU at each published size on 16
   checkpoint   save time and size (model + optimizer), demo, tiny and small, vs a training step;
                the sha256 manifest part of it, and the check a resume makes before loading
   dynamics     a learning-dynamics capture vs a training step on the same number of rows
@@ -204,6 +209,91 @@ def loader_rate(name, seq_len, batch, seconds=3.0):
     return tokens / (time.perf_counter() - t0)
 
 
+def data_wait_row(folder, steps=6, world=16, rank=15, mfu=0.4, peak=989e12):
+    """The loop's wait for its batch at pico-decoder-tiny's published shape (1024 x 2048 per step, 4
+    micro-steps, 16 GPUs) as rank 15: before, every rank read and checked the whole global batch at
+    each step, then kept its share; now it reads its share alone, the next one while a step computes.
+    The step is a sleep as long as tiny's step on 16 H100s at 40% MFU (what its FLOPs take)."""
+    cfg = dict(TINY, max_seq_len=2048)
+    with torch.device("meta"):
+        flops = PicoDecoder(ModelConfig(**cfg)).flops_per_token(2048)
+    batch, micro = 1024, 4
+    step_s = batch * 2048 * flops / (world * peak * mfu)
+
+    def waits(**kw):
+        stream = data.TrainStream(folder, 2048, 50304, batch, batch // (micro * kw.get("world_size", 1)), **kw)
+        out = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            stream.next_batch(read_ahead=i + 1 < steps)
+            out.append(time.perf_counter() - t0)
+            time.sleep(step_s)  # the GPUs' step, while the read ahead runs
+        return out
+
+    before = waits(prefetch=False)  # the global batch: as every rank read it before
+    alone = waits(rank=rank, world_size=world, prefetch=False)
+    now = waits(rank=rank, world_size=world)
+    need = batch // world * 2048 / step_s
+    return [("data wait", f"tiny, rank {rank} of {world}, {batch} x 2048 per step, step {step_s * 1000:.0f} ms",
+             f"before (each rank read the global batch): {statistics.median(before) * 1000:.0f} ms a step; its "
+             f"share alone {statistics.median(alone) * 1000:.0f} ms; read ahead: {now[0] * 1000:.0f} ms at the first "
+             f"step, then at most {max(now[1:]) * 1000:.1f} ms"),
+            ("data wait", "same, tokens/s of one rank",
+             f"its GPU needs {need / 1e6:.1f}M tok/s; reading its share gives "
+             f"{batch // world * 2048 / statistics.median(alone) / 1e6:.1f}M tok/s on one core")]
+
+
+BYTES_WRAP = """import atexit, os, runpy, sys
+def sent():  # bytes this process has written: gloo's sockets (rank 1 writes no file and logs nothing)
+    wchar = next(int(v) for k, v in (l.split(": ") for l in open("/proc/self/io")) if k == "wchar")
+    open(os.path.join(os.environ["BYTES_OUT"], os.environ["RANK"]), "w").write(str(wchar))
+atexit.register(sent)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def backend_bytes(backend, steps, accumulation=8, nproc=2):
+    """Bytes rank 1 sends in a whole train.py run of the demo on 2 CPU processes (gloo), accumulating
+    over `accumulation` micro-steps, for `steps` optimizer steps (no evaluation, dynamics or checkpoint
+    but the last)."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "--no-python", sys.executable, "-c", BYTES_WRAP, "train.py", "config/demo.py", f"--runs_dir={tmp}",
+               f"--backend={backend}", f"--max_steps={steps}", f"--gradient_accumulation_steps={accumulation}",
+               "--batch_size=16", "--save_every_n_steps=1000", "--save_log_spaced_until=0", "--layer_suffixes=",
+               "--eval_every_n_steps=0", "--eval_max_rows=1", "--sample_prompt=", "--run_name=bytes"]
+        env = {**os.environ, "BYTES_OUT": tmp, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"train.py --backend={backend} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        return int(open(os.path.join(tmp, "1")).read())
+
+
+def backend_bytes_rows(steps=(1, 3)):
+    """Bytes per optimizer step each backend sends (rank 1 of 2: the difference of two runs over their
+    difference in steps) at 8 micro-steps (tiny's 4 too, for ZeRO-2, which reduces at each), as a
+    multiple of the fp32 gradient; and what that makes per GPU at each published size on 16 GPUs: a
+    ring collective's bytes per rank grow as (W - 1) / W, so 1.875x from 2 ranks to 16."""
+    with torch.device("meta"):
+        demo_params = PicoDecoder(ModelConfig(**DEMO)).num_params()
+    grad = 4 * demo_params
+    per_step = {(b, a): (backend_bytes(b, steps[1], a) - backend_bytes(b, steps[0], a)) / (steps[1] - steps[0])
+                / grad for b, a in (("ddp", 8), ("deepspeed", 8), ("deepspeed", 4))}
+    rows = [("backend bytes", f"demo ({demo_params / 1e6:.2f}M params), 2 CPU processes (gloo)",
+             "; ".join(f"{b} at {a} micro-steps: {v:.2f}x the fp32 gradient a step" for (b, a), v in per_step.items())
+             + f" (ZeRO-2 / DDP at 8: {per_step['deepspeed', 8] / per_step['ddp', 8]:.1f}x)")]
+    for name, cfg, accum in (("tiny", TINY, 4), ("small", SMALL, 8), ("medium", MEDIUM, 8),
+                             ("large", preset("pico_decoder_large"), 8)):
+        with torch.device("meta"):
+            n = PicoDecoder(ModelConfig(**cfg)).num_params()
+        ddp, zero = (per_step[b, a] * 4 * n * 1.875 / 1e9 for b, a in (("ddp", 8), ("deepspeed", accum)))
+        rows.append(("backend bytes", f"{name} ({n / 1e6:.0f}M params), 16 GPUs, {accum} micro-steps",
+                     f"per GPU a step: DDP {ddp:.2f} GB, ZeRO-2 {zero:.2f} GB"))
+    return rows
+
+
 def synthetic_parquet(folder, files=4, rows=512):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -357,10 +447,10 @@ def hub_data_worker():
                               cache_dir=job["cache"], cache_budget_gb=job["budget_gb"],
                               fetcher=int(os.environ["LOCAL_RANK"]) == 0)
     out = {"rows": [], "waits": []}
-    for _ in range(job["steps"]):
-        waited = stream.hub.waited
-        subs = stream.next_batch()
-        out["waits"].append(stream.hub.waited - waited)
+    for i in range(job["steps"]):
+        t0 = time.perf_counter()  # what the loop waits for its batch (files, reading; a read ahead's rest)
+        subs = stream.next_batch(read_ahead=i + 1 < job["steps"])
+        out["waits"].append(time.perf_counter() - t0)
         out["rows"] += [int(t) for x, _ in subs for t in x[:, 0]]
         time.sleep(job["step_s"])  # the training step
         dist.barrier()
@@ -483,6 +573,11 @@ def cpu_bench(reps):
         done("data loader")
         rows += hub_data_rows(tmp)
         done("hub data")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += data_wait_row(synthetic_parquet(tmp, files=8))
+        done("data wait")
+    rows += backend_bytes_rows()
+    done("backend bytes")
     for label, cfg, step in (("demo", DEMO, demo), ("tiny", TINY, tiny), ("small", SMALL, None)):
         dt, manifest_s, verify_s, size, n = checkpoint_cost(cfg, device)
         vs = f" = {dt / (step['ms'] / 1000):.2f}x its training step" if step else ""

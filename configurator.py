@@ -278,6 +278,15 @@ def batch_split(batch_size, gradient_accumulation_steps, world_size):
                      ", ".join(f"{a} (sub-batch {per_rank // a})" for a in choices))
 
 
+def auto_backend(n_params, world_size, gpu_bytes=None):
+    """backend="auto": DDP, unless the fp32 weights, gradients and AdamW state (16 bytes a parameter)
+    would take more than half of each GPU (gpu_bytes; None: not on GPUs), where ZeRO-2 shards the
+    gradients and AdamW state across the ranks. DDP sends the gradient once an optimizer step,
+    overlapped with the backward pass; ZeRO-2 (DeepSpeed 0.19.8) reduces it at every micro-step and
+    gathers the weights after the step: 8.5x DDP's bytes at 8 micro-steps (docs/clusters.md#backends)."""
+    return "deepspeed" if gpu_bytes and world_size > 1 and 16 * n_params > gpu_bytes / 2 else "ddp"
+
+
 def refuse_unworkable(s):
     """Settings that cannot work, refused with one line each (SystemExit) before train.py makes or
     loads anything. s: train.py's settings (its globals())."""

@@ -99,13 +99,18 @@ learning_dynamics_eval_data = "pico-lm/pretokenized-paloma-tinsy"  # None: the e
 # training: the system
 device = "auto"  # auto: cuda if available, else cpu; "cuda" means each rank's own GPU (cuda:<local rank>)
 precision = "auto"  # auto: bf16 on GPUs with native bf16 (Ampere and later), else fp32; or "bf16" / "fp32"
-backend = "auto"  # auto: DeepSpeed ZeRO-2 on >1 CUDA device, else DDP; or "ddp" / "deepspeed"
+backend = "auto"  # auto: DDP (1/8.5 of ZeRO-2's bytes); ZeRO-2 where AdamW's state fills GPUs. Or "ddp", "deepspeed"
 compile = False  # torch.compile the model
 seed = 42
 dist_timeout_min = 60  # how long a rank waits at a collective (e.g. for another node's first data download)
 # -----------------------------------------------------------------------------
 config_keys, ignored_from_yaml = configurator.configure(sys.argv[1:], globals())
 configurator.refuse_unworkable(globals())  # settings that cannot work: one line each, before anything is made
+MODEL_SETTINGS = [k for k, section in configurator.sections(__file__).items() if section == "model"]
+try:  # the settings of the "# model:" section are ModelConfig's fields (a new one: a line in each)
+    model_config = ModelConfig(**{k: globals()[k] for k in MODEL_SETTINGS})
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"config error: device {device!r}, but torch sees no CUDA GPU here (use device='cpu' or 'auto')")
 configurator.load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
@@ -130,8 +135,11 @@ if device == "cuda":
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
     torch.cuda.set_device(device)
-if backend == "auto":
-    backend = "deepspeed" if device_type == "cuda" and world_size > 1 else "ddp"
+with torch.device("meta"):  # (no memory: its size alone)
+    n_params = PicoDecoder(model_config).num_params()
+if backend == "auto":  # DDP, unless the AdamW state fills the GPUs (configurator.auto_backend says why)
+    backend = configurator.auto_backend(n_params, world_size, torch.cuda.get_device_properties(device).total_memory
+                                        if device_type == "cuda" else None)
 if backend not in ("ddp", "deepspeed"):
     raise SystemExit(f"config error: backend must be 'auto', 'ddp' or 'deepspeed', got {backend!r}")
 # bf16 only where the GPU computes it natively: before Ampere torch emulates it, slower than fp32
@@ -189,11 +197,6 @@ if device_type == "cpu" and torch.get_num_threads() > 1 and os.getloadavg()[0] >
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-MODEL_SETTINGS = [k for k, section in configurator.sections(__file__).items() if section == "model"]
-try:  # the settings of the "# model:" section are ModelConfig's fields (a new one: a line in each)
-    model_config = ModelConfig(**{k: globals()[k] for k in MODEL_SETTINGS})
-except ValueError as e:
-    raise SystemExit(f"config error: {e}") from None
 torch.manual_seed(seed)
 model = PicoDecoder(model_config).to(device)
 raw_model = model  # the plain module, for evaluation, checkpoints and learning dynamics
@@ -336,8 +339,11 @@ if use_deepspeed:
         # same autocast as under DDP (below), so every backend computes the same thing.
         "bf16": {"enabled": False},
         "timers": {"throughput": {"enabled": False}},  # it would synchronise the GPU at every forward
-        # ZeRO-2 reduces the gradients at every micro-step; on GPUs, overlap that with the backward pass
-        "zero_optimization": {"stage": 2, "overlap_comm": device_type == "cuda"},
+        # ZeRO-2 reduces the gradients at every micro-step; on GPUs, overlap that with the backward pass, in
+        # buckets of an eighth of the model (its default, 5e8 numbers, is all of the published sizes but large)
+        "zero_optimization": {"stage": 2, "overlap_comm": device_type == "cuda",
+                              "reduce_bucket_size": max(n_params // 8, 2**20),
+                              "allgather_bucket_size": max(n_params // 8, 2**20)},
         "steps_per_print": 2**31 - 1,
     }
     model, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -5,7 +5,7 @@
 # Everything not set here is train.py's default, which is pico-train's: 12 layers, 12 heads,
 # 4 KV heads, vocab 50304, seq 2048; pico-lm/pretokenized-dolma streamed from the Hub, 1024
 # sequences x 2048 tokens per step, 200,000 steps (one pass), lr 3e-4 with 2,500 warmup steps then
-# linear decay; bf16 and DeepSpeed ZeRO-2 on GPUs.
+# linear decay; bf16 and DDP on GPUs (train.py's backend setting says when ZeRO-2).
 # Per-GPU sub-batch = 1024 / (8 x GPUs): 8 on 16 GPUs, 32 on 4, 4 on 32. On fewer GPUs
 # (or if it does not fit) raise gradient_accumulation_steps; the training is the same (up to rounding) either way.
 run_name = "pico-decoder-small"

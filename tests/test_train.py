@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from helpers import ROOT, TINY, max_diff, metrics, run_train, train_py_settings, weights
@@ -166,6 +167,26 @@ def test_every_config_splits_its_batch_or_names_the_choices(config):
         assert s["batch_size"] == 1024 and s["max_seq_len"] == 2048
         assert configurator.batch_split(1024, s["gradient_accumulation_steps"], 16) == (16 if "tiny" in config else 8)
         assert s["learning_dynamics_batch_size"] == (256 if "tiny" in config else 128)
+
+
+def test_the_default_backend_is_ddp_unless_the_adamw_state_fills_the_gpus():
+    """backend="auto" on several GPUs: DDP (it sends 1/8.5 of ZeRO-2's bytes at 8 micro-steps, as bench.py
+    measures) wherever the 16 bytes a parameter of fp32 weights, gradients and AdamW take at most half a
+    GPU: every published size on 80 GB GPUs and on 24 GB ones; large on 16 GB ones gets ZeRO-2."""
+    import configurator
+    from model import ModelConfig, PicoDecoder
+    sizes = {}
+    for name in ("tiny", "small", "medium", "large"):
+        s = train_py_settings(os.path.join("config", f"pico_decoder_{name}.py"))
+        with torch.device("meta"):
+            sizes[name] = PicoDecoder(ModelConfig(**{k: s[k] for k in ModelConfig.__dataclass_fields__})).num_params()
+    gb = 2**30
+    assert {n: configurator.auto_backend(p, 16, 80 * gb) for n, p in sizes.items()} == dict.fromkeys(sizes, "ddp")
+    assert {n: configurator.auto_backend(p, 16, 24 * gb) for n, p in sizes.items()} == dict.fromkeys(sizes, "ddp")
+    assert configurator.auto_backend(sizes["large"], 16, 16 * gb) == "deepspeed"
+    assert configurator.auto_backend(sizes["medium"], 16, 16 * gb) == "ddp"
+    assert configurator.auto_backend(sizes["large"], 1, 16 * gb) == "ddp"  # one GPU: nothing to shard across
+    assert configurator.auto_backend(sizes["large"], 16, None) == "ddp"  # CPU processes
 
 
 def test_run_folder_layout_and_config_yaml(reference_run):
