@@ -453,6 +453,10 @@ def hub_data_worker():
         out["waits"].append(time.perf_counter() - t0)
         out["rows"] += [int(t) for x, _ in subs for t in x[:, 0]]
         time.sleep(job["step_s"])  # the training step
+        if i + 1 < job["steps"]:  # as train.py's check_step: every rank has read the next batch before the barrier
+            t0 = time.perf_counter()
+            stream.problem()
+            out["waits"][-1] += time.perf_counter() - t0
         dist.barrier()
     assert stream.epoch == 0, "steps must stay within one pass over the data"
     out["shards"] = [os.path.basename(s.name) for s in stream.shards[:stream.shard + 1]]

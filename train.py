@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from datetime import datetime, timedelta
@@ -163,9 +164,12 @@ if use_deepspeed:
     # layer's full weights, activations and gradients on hand at each checkpoint.
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(k, v)  # plain `python train.py` with DeepSpeed: a world of one
+    if "MASTER_PORT" not in os.environ:  # plain `python train.py` with DeepSpeed: a world of one, on a free
+        with socket.socket() as sock:  # port (a fixed one would fail a second such run on the same machine)
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
     import deepspeed
     if device_type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else it compiles an op for ~minutes
