@@ -149,8 +149,17 @@ def test_bf16_is_the_same_numerics_under_ddp_and_zero2(tmp_path):
     pytest.importorskip("deepspeed")
     transformers = pytest.importorskip("transformers")
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     import data
-    args = ("--precision=bf16", "--batch_size=16", "--gradient_accumulation_steps=8", "--max_steps=2")
+    # the evaluation and the learning dynamics on 4 sequences of the demo's held-out rows (bf16 on a CPU is slow)
+    seqs = data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1)[:4]
+    (tmp_path / "held_out").mkdir()
+    pq.write_table(pa.table({"input_ids": pa.array(list(seqs), type=pa.list_(pa.int32()))}),
+                   tmp_path / "held_out" / "validation.parquet")
+    args = ("--precision=bf16", "--batch_size=16", "--gradient_accumulation_steps=8", "--max_steps=2",
+            f"--eval_dataset_name={tmp_path / 'held_out'}", "--eval_dataset_split=validation", "--eval_max_rows=4")
     for backend in ("ddp", "deepspeed"):
         proc = run_train(tmp_path, f"--run_name={backend}", *args, f"--backend={backend}", nproc=2)
         assert f"cpu, bf16, backend {backend}" in proc.stdout and "8 micro-steps x 2 ranks x sub-batch 1" in proc.stdout
@@ -160,7 +169,7 @@ def test_bf16_is_the_same_numerics_under_ddp_and_zero2(tmp_path):
     assert max(((ddp[k] - ds[k]).abs().max() / ddp[k].abs().max()).item() for k in ddp) <= 1e-5
     a, b = losses(tmp_path, "ddp"), losses(tmp_path, "deepspeed")
     assert a.keys() == b.keys() and all(abs(b[s] / a[s] - 1) <= 1e-5 for s in a), (a, b)
-    seqs = torch.from_numpy(data.load_eval_sequences("data/demo", 64, 50304, "validation", max_rows=1))
+    seqs = torch.from_numpy(seqs)
     for step in (0, 2):
         step_dir = tmp_path / "deepspeed" / "checkpoints" / f"step_{step}"
         hf = transformers.AutoModelForCausalLM.from_pretrained(step_dir).eval()
