@@ -19,7 +19,7 @@ import yaml
 
 import checkpoint
 
-from helpers import ROOT, TINY, max_diff, metrics, run_train, weights
+from helpers import ROOT, TINY, copy_run, max_diff, metrics, run_train, weights
 
 pytestmark = pytest.mark.slow  # every test here trains runs
 
@@ -77,8 +77,8 @@ def test_every_checkpoint_loads_in_transformers_with_the_same_loss(reference_run
         assert abs(per_token.mean().item() - mine.item()) <= 1e-5  # two summation orders of one loss
 
 
-def test_incompatible_config_is_refused_and_harmless_change_reported(tmp_path):
-    run_train(tmp_path, "--run_name=r", "--max_steps=2")
+def test_incompatible_config_is_refused_and_harmless_change_reported(tmp_path, base_run):
+    copy_run(base_run, tmp_path)  # a finished run of 2 steps
     proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", "--d_model=64", check=False)
     assert proc.returncode != 0
     assert "cannot resume" in proc.stderr and "d_model (saved 32, now 64)" in proc.stderr
@@ -86,14 +86,14 @@ def test_incompatible_config_is_refused_and_harmless_change_reported(tmp_path):
     assert "log_every_n_steps: 1 -> 2" in proc.stdout and "max_steps: 2 -> 4" in proc.stdout
 
 
-def test_damaged_checkpoint_is_reported_not_loaded(tmp_path):
-    run_train(tmp_path, "--run_name=d", "--max_steps=2")
-    model_file = tmp_path / "d" / "checkpoints" / "step_2" / "model.safetensors"
+def test_damaged_checkpoint_is_reported_not_loaded(tmp_path, base_run):
+    copy_run(base_run, tmp_path)  # a finished run of 2 steps
+    model_file = tmp_path / "r" / "checkpoints" / "step_2" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:-100])
-    proc = run_train(tmp_path, "--run_name=d", "--max_steps=4", check=False)
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", check=False)
     assert proc.returncode != 0 and "step_2 is damaged: model.safetensors" in proc.stderr
-    os.remove(tmp_path / "d" / "checkpoints" / "step_2" / "manifest.json")
-    proc = run_train(tmp_path, "--run_name=d", "--max_steps=4", check=False)
+    os.remove(tmp_path / "r" / "checkpoints" / "step_2" / "manifest.json")
+    proc = run_train(tmp_path, "--run_name=r", "--max_steps=4", check=False)
     assert proc.returncode != 0 and "is incomplete" in proc.stderr
 
 
