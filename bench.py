@@ -1,7 +1,7 @@
 """
 How fast is pico-train? One script, one table.
 
-    python bench.py            # CPU: about 4 minutes, prints the table of docs/performance.md#the-table
+    python bench.py            # CPU: about 6 minutes, prints the table of docs/performance.md#the-table
     python bench.py --gpu      # one CUDA GPU: pico-decoder small and medium, bf16, seq 2048, MFU
     python bench.py --gpu --smoke   # the GPU table's code at toy size on any device (a test)
 
