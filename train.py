@@ -521,7 +521,8 @@ def check_step(step, loss_sum):
     """The one host sync of an optimizer step, before it is applied: the global mean loss, the
     gradient norm (clipped here; DeepSpeed clips inside its step) and whether any rank has been
     signalled to stop. A loss or norm that is not finite fails the run, so a diverged step never
-    reaches the weights or a checkpoint; so does a bad next batch on any rank. Returns (loss, norm, stop)."""
+    reaches the weights or a checkpoint. Whether any rank's next batch is bad travels here too (every
+    rank then stops at it in next_batch). Returns (loss, norm, stop)."""
     grad_norm = torch.zeros((), device=device)
     if not use_deepspeed:
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
