@@ -101,8 +101,9 @@ EDITS = {
 }
 
 
-def edited_repo(tmp_path, edit):
-    """A copy of the repository (its code and config/; data/ linked) whose model.py has EDITS[edit]."""
+def edited_repo(tmp_path, edit, file="model.py", edits=None):
+    """A copy of the repository (its code and config/; data/ linked) whose `file` has `edits`, a list of
+    (text there, what replaces it): by default model.py with EDITS[edit]."""
     repo = tmp_path / f"repo-{edit}"
     repo.mkdir()
     for name in os.listdir(ROOT):
@@ -110,11 +111,11 @@ def edited_repo(tmp_path, edit):
             shutil.copy(os.path.join(ROOT, name), repo)
     shutil.copytree(os.path.join(ROOT, "config"), repo / "config")
     os.symlink(os.path.join(ROOT, "data"), repo / "data")
-    text = (repo / "model.py").read_text()
-    for old, new in EDITS[edit]:
-        assert old in text, old  # model.py still reads as the course says
+    text = (repo / file).read_text()
+    for old, new in edits or EDITS[edit]:
+        assert old in text, old  # the file still reads as the course (or the test) says
         text = text.replace(old, new)
-    (repo / "model.py").write_text(text)
+    (repo / file).write_text(text)
     return repo
 
 

@@ -11,14 +11,13 @@ CPU suite covers the same code at toy size; the comparison itself is checked on 
 planted wrong gradient fails it)."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, TINY, metrics
+from helpers import ROOT, TINY, edited_repo, metrics
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -78,30 +77,16 @@ def change_gap(run_a, run_b, step):
     return gaps[worst], worst
 
 
-def plant(tmp_path, old, new):
-    """A copy of the repository whose train.py has `old` replaced by `new` (data/ linked)."""
-    repo = tmp_path / "repo-planted"
-    repo.mkdir()
-    for name in os.listdir(ROOT):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(ROOT, name), repo)
-    shutil.copytree(os.path.join(ROOT, "config"), repo / "config")
-    os.symlink(os.path.join(ROOT, "data"), repo / "data")
-    text = (repo / "train.py").read_text()
-    assert old in text, old
-    (repo / "train.py").write_text(text.replace(old, new))
-    return repo
-
-
 def test_the_backend_comparison_passes_equal_training_and_fails_a_wrong_gradient(tmp_path, reference_run):
     """The GPU check's ZeRO-2 comparison, on CPU at toy size (2 micro-steps): ZeRO-2 against training
     without it (the suite's shared reference run; on CPU every kernel is deterministic) passes; the same
     with a planted wrong gradient (the path without DeepSpeed drops the first micro-batch's) fails."""
     pytest.importorskip("deepspeed")
     runs = {"plain": str(reference_run() / "ref")}
-    for name, repo in (("zero2", ROOT), ("planted", plant(
-            tmp_path, "        (loss / gradient_accumulation_steps).backward()",
-            "        (loss / gradient_accumulation_steps * (loss_sum.item() != loss.item())).backward()"))):
+    backward = "        (loss / gradient_accumulation_steps).backward()"  # train.py's, without DeepSpeed
+    dropped = backward.replace(").backward()", " * (loss_sum.item() != loss.item())).backward()")  # micro-step 0's
+    planted = edited_repo(tmp_path, "planted", "train.py", [(backward, dropped)])
+    for name, repo in (("zero2", ROOT), ("planted", planted)):
         train(repo, [*TINY, f"--runs_dir={tmp_path}", f"--run_name={name}", "--layer_suffixes=",
                      f"--backend={'deepspeed' if name == 'zero2' else 'ddp'}"], deterministic=True)
         runs[name] = str(tmp_path / name)
