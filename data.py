@@ -595,7 +595,7 @@ class HubShards:
 
     def fetch(self, i):
         """The local path of file i, downloaded first if this node does not have it yet."""
-        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub import hf_hub_download
         try:
             path = _retry(lambda: hf_hub_download(self.repo_id, self.files[i], repo_type="dataset",
                                                   revision=self.revision, cache_dir=self.cache_dir),
@@ -603,7 +603,7 @@ class HubShards:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise DataError(f"downloading {self.name(i)}: no space left in {self.cache_dir or constants.HF_HUB_CACHE} "
+            raise DataError(f"downloading {self.name(i)}: no space left in {self.folder()} "
                             f"({e.strerror}); free some, point data_cache_dir at a larger disk, or lower "
                             f"data_cache_gb") from None
         with self.lock:

@@ -581,7 +581,7 @@ report.start_clock(step, max_steps, tokens_per_step, calendar.pauses_from,
                    flops_per_token / (peak_flops * world_size) if peak_flops else None)  # (MFU where the peak is known)
 stop_asked = False  # by a signal on any rank, known to every rank after the step's check
 while True:
-    stopping = step >= max_steps or stop_asked or (stop_at_step is not None and step >= stop_at_step)
+    stopping = step >= last_step or stop_asked
     if step > start_step or not resume_from:  # the step a run resumed from is saved already
         t_pause = time.time()
         paused = checkpoint_if_due(step, stopping)
