@@ -461,7 +461,8 @@ def hub_data_worker():
     assert stream.epoch == 0, "steps must stay within one pass over the data"
     out["shards"] = [os.path.basename(s.name) for s in stream.shards[:stream.shard + 1]]
     dist.destroy_process_group()
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # not through the interpreter's shutdown, which gloo's threads can abort (see the end of train.py)
 
 
 def gpu_bench(steps=10, smoke=False):

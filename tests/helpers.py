@@ -30,6 +30,27 @@ def run_train(runs_dir, *args, nproc=1, check=True, env=None, timeout=300, cwd=R
     return proc
 
 
+def busy_at_shutdown_env(tmp_path):
+    """An environment whose torchrun workers, when their interpreter shuts down, have a thread inside a
+    torch op (as gloo's worker threads can be, letting go of a collective's tensors): a process that goes
+    through that shutdown aborts ("terminate called without an active exception")."""
+    hook = tmp_path / "busy_at_shutdown"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os, threading, time\n"
+        "def busy():\n"
+        "    import torch\n"
+        "    a = torch.ones(256, 256)\n"
+        "    while True:\n"
+        "        a @ a\n"
+        "def at_shutdown():\n"
+        "    threading.Thread(target=busy, daemon=True).start()\n"
+        "    time.sleep(0.2)\n"
+        "if 'LOCAL_RANK' in os.environ:  # a worker, not torchrun itself\n"
+        "    atexit.register(at_shutdown)\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)}
+
+
 def train_py_settings(*config_files):
     """train.py's settings after config files, read as train.py reads them (no process, no process group)."""
     import configurator

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, TINY, max_diff, metrics, run_train, train_py_settings, weights
+from helpers import ROOT, TINY, busy_at_shutdown_env, max_diff, metrics, run_train, train_py_settings, weights
 from hub_server import HubServer
 
 
@@ -57,12 +57,14 @@ def hub_env(server, tmp_path):
 
 def test_ddp_two_processes_match_one(tmp_path, reference_run):
     """Two processes equal one; and they read the same sequences from the Hub (the local server):
-    each file downloaded once for the node, the one ahead in the background, passed ones removed."""
+    each file downloaded once for the node, the one ahead in the background, passed ones removed. And the
+    run ends cleanly whatever a thread is doing in torch when the ranks exit."""
     server = HubServer().start()
     hub_copy_of_the_demo(server)
     ref = reference_run()
     run_train(tmp_path, "--run_name=ddp", "--gradient_accumulation_steps=1", *HUB_DEMO,
-              f"--data_cache_dir={tmp_path / 'cache'}", "--data_cache_gb=0", nproc=2, env=hub_env(server, tmp_path))
+              f"--data_cache_dir={tmp_path / 'cache'}", "--data_cache_gb=0", nproc=2,
+              env={**hub_env(server, tmp_path), **busy_at_shutdown_env(tmp_path)})
     server.stop()
     gets = [p.split("/")[-1] for m, p in server.state.requests if m == "GET" and "/resolve/" in p]
     assert sorted(gets) == [f"train-{f}.parquet" for f in range(5)]  # 4 steps read 4 files; the 5th came ahead
