@@ -540,7 +540,6 @@ class HubShards:
         self.local = {}  # index -> (path, bytes) of the files this process fetched and has not removed
         self.lock = threading.Lock()  # self.local is written by the background download too
         self.threads = {}  # index -> background download
-        self.waited = 0.0  # seconds spent waiting for files (the bench reads it)
 
     def name(self, i):
         return printable(f"datasets/{self.repo_id}/{self.files[i]}")
@@ -637,12 +636,9 @@ class HubShards:
 
     def path(self, i):
         """File i for reading now: waits for its background download if one is under way."""
-        t0 = time.perf_counter()
         if i in self.threads:
             self.threads.pop(i).join()
-        path = self.fetch(i)
-        self.waited += time.perf_counter() - t0
-        return path
+        return self.fetch(i)
 
     def prefetch(self, i):
         """Start downloading file i in the background, unless it is here or on its way."""
